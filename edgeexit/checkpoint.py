@@ -1,0 +1,76 @@
+"""Checkpoints: one file holds everything later steps need (config, weights, classes, preprocessing, split, costs).
+
+Files are written atomically (temporary file + rename) and read with ``torch.load(weights_only=True)``,
+so an untrusted checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "edgeexit-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED = ("format", "version", "config", "state_dict", "classes", "preprocess")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not an edgeexit checkpoint."""
+
+
+def atomic_write_bytes(path: Path | str, write) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, **payload}
+    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Load and check a checkpoint; every failure is a one-line CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an edgeexit checkpoint (a plain state dict? use --init-weights for those)")
+    if data.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {data.get('version')}, this edgeexit reads {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    return data
+
+
+def load_model(path: Path | str):
+    """Rebuild the multi-exit model of a checkpoint, in eval mode. Returns (model, checkpoint dict)."""
+    from .models import build_model
+
+    data = load_checkpoint(path)
+    try:
+        model = build_model(data["config"])
+        model.load_state_dict(data["state_dict"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit its model config: {str(exc).splitlines()[0][:200]}") from None
+    return model.eval(), data
