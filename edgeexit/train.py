@@ -351,7 +351,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
                           "num_train": len(train_set), "num_val": len(val_set), "limit": cfg.limit},
                 "costs": costs.to_dict(), "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
                 "history": history, "train_config": {**asdict(cfg), "epochs": cfg.epochs},
-                "versions": {"edgeexit": __version__, "torch": torch.__version__},
+                "versions": {"edgeexit": __version__, "torch": str(torch.__version__)},
                 "policy": (resume_state or {}).get("policy"),
             }
             save_checkpoint(cfg.out, checkpoint)

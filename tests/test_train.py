@@ -1,0 +1,167 @@
+"""Training: loss goes down on every exit, heads-only freezes the backbone, resume, corrupt files, DDP, CLI errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeexit.checkpoint import CheckpointError, load_checkpoint, load_model
+from edgeexit.data import decode_images, eval_batches, load_split, split_indices
+from edgeexit.preprocess import Preprocess
+from edgeexit.train import TrainConfig, exit_weights, train
+
+from .conftest import write_folder
+
+
+def _cfg(data, out, **kw) -> TrainConfig:
+    base = dict(arch="resnet20", width=0.25, exits=[2, 5], input_size=24, epochs=2, batch_size=16, lr=0.05,
+                val_fraction=0.25, seed=0)
+    base.update(kw)
+    return TrainConfig(data=str(data), out=str(out), **base)
+
+
+def test_split_is_reproducible_stratified_and_disjoint():
+    labels = np.repeat(np.arange(4), 50)
+    a_train, a_val = split_indices(labels, 0.1, seed=3)
+    b_train, b_val = split_indices(labels, 0.1, seed=3)
+    assert np.array_equal(a_val, b_val) and np.array_equal(a_train, b_train)
+    assert not set(a_train) & set(a_val) and len(a_train) + len(a_val) == 200
+    assert np.bincount(labels[a_val]).tolist() == [5, 5, 5, 5]
+    assert not np.array_equal(split_indices(labels, 0.1, seed=4)[1], a_val)
+
+
+def test_sdn_schedule_ramps_internal_weights():
+    fractions = [0.15, 0.5, 1.0]
+    assert exit_weights(fractions, 0, 10, "sdn") == pytest.approx([0.01, 0.01, 1.0])
+    assert exit_weights(fractions, 9, 10, "sdn") == pytest.approx([0.15, 0.5, 1.0])
+    assert exit_weights(fractions, 0, 10, "constant") == pytest.approx([0.15, 0.5, 1.0])
+
+
+def test_short_cifar_run_lowers_every_exit_loss(cifar_root, tmp_path):
+    cfg = _cfg(cifar_root / "train", tmp_path / "m.pt", input_size=32, limit=400, epochs=4, batch_size=32, lr=0.05,
+               val_fraction=0.1, distill=0.3)
+    folder, train_idx, _ = load_split(cfg.data, cfg.val_fraction, cfg.seed)
+    from edgeexit.train import _subset
+
+    idx = _subset(train_idx, folder.labels, cfg.limit, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ckpt = train(cfg, log=lambda _m: None, progress=False)
+    model, _ = load_model(tmp_path / "m.pt")
+    from edgeexit.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    initial = build_model(ckpt["config"]).eval()  # same seed -> the weights training started from
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    images = decode_images([folder.paths[i] for i in idx], [folder.labels[i] for i in idx], pre, square=False)
+    x = next(eval_batches(images.images, pre, len(images)))
+    y = torch.from_numpy(images.labels)
+    with torch.no_grad():
+        before = [F.cross_entropy(z, y).item() for z in initial(x)]
+        after = [F.cross_entropy(z, y).item() for z in model(x)]
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert len(ckpt["history"]) == 4 and len(ckpt["history"][-1]["val_accuracy"]) == model.num_exits
+
+
+def test_heads_only_leaves_backbone_and_bn_stats_unchanged(tiny_folder, tiny_ckpt, tmp_path):
+    start = torch.load(tiny_ckpt, weights_only=True)["state_dict"]
+    backbone_file = tmp_path / "backbone.pt"
+    # a plain backbone state dict, as a user's pretrained model would come
+    from edgeexit.train import backbone_state_names
+
+    model, _ = load_model(tiny_ckpt)
+    names = backbone_state_names(model)
+    torch.save({plain: start[name] for plain, name in names.items()}, backbone_file)
+    out = tmp_path / "heads.pt"
+    train(_cfg(tiny_folder, out, exits=[2, 4, 6], mode="heads", init_weights=str(backbone_file), epochs=2),
+          log=lambda _m: None, progress=False)
+    after = torch.load(out, weights_only=True)["state_dict"]
+    seg_keys = [k for k in after if k.startswith("segments.")]
+    assert any("running_mean" in k for k in seg_keys)
+    for k in seg_keys:  # weights and BatchNorm running statistics alike
+        assert torch.equal(after[k], start[k]), k
+    assert any(not torch.equal(after[k], start[k]) for k in after if k.startswith("heads.0."))
+
+
+def test_resume_continues_from_saved_epoch(tiny_folder, tmp_path, monkeypatch):
+    full = train(_cfg(tiny_folder, tmp_path / "a.pt", epochs=2), log=lambda _m: None, progress=False)
+    import edgeexit.train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_interrupt(path, payload):  # Ctrl-C right after the first epoch's checkpoint
+        real_save(path, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_folder, tmp_path / "b.pt", epochs=2), log=lambda _m: None, progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 1
+    logs: list[str] = []
+    resumed = train(_cfg(tiny_folder, tmp_path / "b.pt", epochs=2, resume=True), log=logs.append, progress=False)
+    assert any("resuming" in m and "after epoch 1" in m for m in logs)
+    assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
+    for k, v in full["state_dict"].items():  # bit-identical to the uninterrupted run on CPU
+        assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    data = write_folder(tmp_path / "data", per_class=8)
+    (data / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "square" / "empty.jpg").write_bytes(b"")
+    logs: list[str] = []
+    with pytest.warns(UserWarning, match="broken.png|empty.jpg"):
+        train(_cfg(data, tmp_path / "m.pt", epochs=1, val_fraction=0.2), log=logs.append, progress=False)
+    assert any("2 unreadable skipped" in m for m in logs), logs
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not an edgeexit checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+def _cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edgeexit.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_folder):
+    r = _cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.pt"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "nowhere" in r.stderr
+    r = _cli("train", "--data", str(tiny_folder), "--out", str(tmp_path / "m.pt"), "--exits", "2,x")
+    assert r.returncode == 2 and "--exits" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("train", "--help")
+    for option in ("--exit-fractions", "--mode", "--distill", "--init-weights", "--resume", "--seed", "--val-fraction"):
+        assert option in r.stdout
+
+
+@pytest.mark.slow
+def test_distributed_training_with_gloo_two_processes(tiny_folder, tmp_path):
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "edgeexit.cli", "train", "--data", str(tiny_folder), "--out", str(out), "--arch", "resnet20",
+           "--width", "0.25", "--exits", "2,5", "--epochs", "2", "--batch-size", "16", "--val-fraction", "0.25",
+           "--device", "cpu", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = load_checkpoint(out)
+    assert ckpt["epoch"] == 2
+    # one epoch line per epoch: only rank 0 logs and writes
+    assert r.stdout.count("epoch 2/2") == 1
+    # both ranks saw a different half of each batch: steps = images // global batch
+    assert ckpt["step"] == 2 * (ckpt["split"]["num_train"] // 16)
