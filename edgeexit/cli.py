@@ -115,6 +115,261 @@ def train(
         _print_exit_table(ckpt)
 
 
+@app.command()
+def calibrate(
+    ckpt: Path = typer.Argument(..., help="Checkpoint from edgeexit train."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Target: accuracy at most this many points below "
+                                             "the final exit's on the calibration split [default: 1.0]."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Target instead: the most accurate policy whose mean "
+                                           "cost is at most this fraction of the plain network (e.g. 0.5)."),
+    costs: Optional[Path] = typer.Option(None, "--costs", help="costs.json from edgeexit profile (measured per-segment "
+                                         "costs) [default: the model's MACs]."),
+    cost_metric: Optional[str] = typer.Option(None, "--cost-metric", help="latency_ms or energy_mj: which measured "
+                                              "cost of --costs to use [default: the file's metric]."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The training folder, if it moved since training (the "
+                                        "calibration split is re-derived from it; never a test folder)."),
+    gates: str = typer.Option("all", "--gates", help="Gates to calibrate: all, or a list of max_prob, margin, "
+                              "entropy_conf, sal_entropy, sal_spread, coh_cosine, coh_ssim, patience, learned."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the calibrated checkpoint here [default: update CKPT "
+                                       "in place, atomically]."),
+    folds: int = typer.Option(5, help="Cross-fitting folds of the learned gate."),
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Fit temperatures, orient every exit gate and search its per-exit thresholds on the calibration split;
+    write the winning policy (and every gate's) into the checkpoint."""
+    _need_torch("calibrate")
+    from .calibrate import calibrate as run_calibration, print_calibration
+    from .checkpoint import CheckpointError
+    from .collect import one_line_warnings
+
+    if max_drop is not None and budget is not None:
+        fail("give --max-drop or --budget, not both")
+    try:
+        with one_line_warnings():
+            cal = run_calibration(ckpt, out=out, max_drop=max_drop, budget=budget, costs_path=costs,
+                                  cost_metric=cost_metric, data=data, gates=gates, folds=folds, batch_size=batch_size,
+                                  device=device, progress=not quiet and sys.stderr.isatty(),
+                                  log=lambda m: typer.echo(m, err=True))
+    except (CheckpointError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; the checkpoint is unchanged", 130)
+    print_calibration(cal)
+    typer.echo(f"policy: gate {cal['winner']} written to {cal['written_to']}")
+
+
+@app.command()
+def evaluate(
+    ckpt: Path = typer.Argument(..., help="Calibrated checkpoint (edgeexit calibrate)."),
+    data: Path = typer.Option(..., "--data", help="Labelled evaluation folder DATA/<class>/<image> (e.g. the test set)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder [default: reports/<checkpoint stem>]."),
+    corrupt: Optional[str] = typer.Option(None, "--corrupt", help="Also evaluate corrupted copies: noise, blur, "
+                                          "contrast, jpeg (comma-separated) or all."),
+    severities: str = typer.Option("1,2,3,4,5", "--severities", help="Corruption severities (1..5)."),
+    costs: Optional[Path] = typer.Option(None, "--costs", help="costs.json to price exits with [default: the costs "
+                                         "used in calibration]."),
+    cost_metric: Optional[str] = typer.Option(None, "--cost-metric", help="latency_ms or energy_mj from --costs."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many images (stratified, seeded)."),
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Evaluate every calibrated exit gate on a labelled folder (thresholds fixed by calibration): accuracy vs
+    cost, operating points, failure-prediction AUROC, oracle; report.json and plots."""
+    _need_torch("evaluate")
+    from .checkpoint import CheckpointError
+    from .collect import one_line_warnings
+    from .evaluate import evaluate as run_evaluation, print_report
+
+    sev = _parse_list(severities, int, "--severities") or [1, 2, 3, 4, 5]
+    try:
+        with one_line_warnings():
+            report = run_evaluation(ckpt, data, out=out, corrupt=corrupt, severities=sev, costs_path=costs,
+                                    cost_metric=cost_metric, limit=limit, batch_size=batch_size, device=device,
+                                    plots=not no_plots, progress=not quiet and sys.stderr.isatty(),
+                                    log=lambda m: typer.echo(m, err=True))
+    except (CheckpointError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    print_report(report)
+
+
+@app.command()
+def explain(
+    ckpt: Path = typer.Argument(..., help="Checkpoint (calibrated: the policy's exit is marked)."),
+    images: List[Path] = typer.Argument(..., help="Image files (or folders of images)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG grids [default: reports/<checkpoint stem>/explain]."),
+    device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
+) -> None:
+    """One PNG per image: every exit's CAM overlay, prediction, confidence and gate scores; the policy's exit framed."""
+    _need_torch("explain")
+    from .checkpoint import CheckpointError
+    from .collect import one_line_warnings
+    from .explain import explain as run_explain
+
+    try:
+        with one_line_warnings():
+            written = run_explain(ckpt, images, out=out, device=device, log=lambda m: typer.echo(m, err=True))
+    except (CheckpointError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command()
+def run(
+    bundle: Optional[str] = typer.Argument(None, help="Bundle directory from edgeexit export (default: the demo "
+                                           "bundle shipped with edgeexit)."),
+    source: Optional[str] = typer.Argument(None, help="Input: image, folder (class sub-folders give labels and "
+                                           "accuracy), video file, camera index, /dev/videoN, v4l2://, csi://N, "
+                                           "rtsp://... (default: the demo samples)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON lines to this file instead of stdout. "
+                                       "Fields: frame, time (video, camera) or name (file), class_id, label, "
+                                       "confidence, exit, gate_score, latency_ms (the frame's share of the inference "
+                                       "time), macs, true_id / true_label / correct (labelled folders), failed "
+                                       "(reason or null)."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Save annotated frames (label, exit, CAM overlay) here: "
+                                        "PNGs for images, a video for video and camera inputs."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Frames per batch (samples that exit leave the batch)."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="Override the bundle's gate (needs --threshold): "
+                                       "max_prob, margin, entropy_conf, sal_entropy, sal_spread, coh_cosine, "
+                                       "coh_ssim, patience, learned."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help="Override thresholds: one value for every "
+                                            "internal exit, or T1,T2,... one per internal exit."),
+    max_exit: Optional[int] = typer.Option(None, "--max-exit", help="Leave at this exit at the latest."),
+    full: bool = typer.Option(False, "--full", help="Plain-network baseline: every segment, only the last head."),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt."),
+    providers: Optional[str] = typer.Option(None, "--providers", help="ONNX Runtime providers in order, e.g. "
+                                            "tensorrt,cuda,cpu (default: the best available)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads per ONNX Runtime session (default: the CPUs available)."),
+    loop: bool = typer.Option(False, "--loop", help="Restart files, folders and videos at the end."),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", min=0, help="Stop after this many frames."),
+    width: Optional[int] = typer.Option(None, "--width", help="Camera capture width."),
+    height: Optional[int] = typer.Option(None, "--height", help="Camera capture height."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Camera capture frame rate."),
+    quiet: bool = typer.Option(False, "--quiet", help="No informational lines on stderr (warnings and the summary stay)."),
+) -> None:
+    """Classify frames with a bundle, chaining per-segment engines and really stopping at the first exit whose
+    gate allows it (works without torch). One JSON line per frame; a summary table at the end (on stderr when the
+    lines go to stdout), also on Ctrl-C / SIGTERM (exit code 130)."""
+    from .runtime.backends import BackendError
+    from .runtime.bundle import BundleError
+    from .runtime.chain import run_command
+    from .runtime.sources import SourceError
+
+    try:
+        code = run_command(bundle, source, out=str(out) if out else None, save=str(save) if save else None,
+                           batch=batch, gate=gate, threshold=threshold, max_exit=max_exit, full=full, backend=backend,
+                           providers=providers, threads=threads, loop=loop, max_frames=max_frames, width=width,
+                           height=height, fps=fps, quiet=quiet)
+    except (BundleError, SourceError, BackendError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """What this machine offers the runtime: python, numpy, onnxruntime and its providers, TensorRT, pycuda, CUDA,
+    OpenCV (GStreamer), cameras, power meters, torch (looked up, never imported)."""
+    from .runtime import doctor as doc
+
+    rows = doc.collect()
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(doc.to_dict(rows), indent=2))
+    else:
+        doc.render(rows)
+
+
+@app.command()
+def export(
+    ckpt: Path = typer.Argument(..., help="Checkpoint to export; or, with --tensorrt, a bundle directory whose engines to build."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory to write (atomically: complete or absent)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (once the new one is complete)."),
+    opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
+    samples: int = typer.Option(64, help="Check inputs: held-out validation images when the checkpoint's data is at hand."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip onnx.checker and the ONNX Runtime vs torch parity checks."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Build TensorRT engines beside the ONNX files (needs TensorRT)."),
+    fp16: bool = typer.Option(False, "--fp16", help="TensorRT engines in FP16 where the GPU has fast FP16."),
+    int8: bool = typer.Option(False, "--int8", help="INT8 segment engines (heads stay FP16/FP32), entropy-calibrated."),
+    calib_images: int = typer.Option(256, help="INT8: number of calibration images."),
+    calib_data: Optional[Path] = typer.Option(None, help="INT8: folder of calibration images (default: the checkpoint's validation split)."),
+    max_batch: int = typer.Option(32, help="TensorRT: largest batch of the engines' optimization profile."),
+) -> None:
+    """Export a checkpoint to a bundle: per-segment and per-exit ONNX files, full.onnx and manifest.json (checked
+    against torch with ONNX Runtime); --tensorrt also builds engines, or (re)builds them for an existing bundle."""
+    from .export.command import export_command
+    from .export.summary import print_bundle_table
+    from .export.tensorrt import TensorRTError
+
+    try:
+        bundle = export_command(
+            ckpt, out, force=force, opset=opset, samples=samples, check=not no_check, tensorrt=tensorrt, fp16=fp16,
+            int8=int8, calib_images=calib_images, calib_data=calib_data, max_batch=max_batch,
+            echo=lambda m: typer.echo(m), warn=lambda m: typer.echo(f"edgeexit: warning: {m}", err=True),
+        )
+    except (TensorRTError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(f"interrupted; {out or ckpt} was left as it was", 130)
+    print_bundle_table(bundle)
+
+
+@app.command()
+def profile(
+    bundle: Optional[str] = typer.Argument(None, help="Bundle directory from edgeexit export (default: the demo "
+                                           "bundle shipped with edgeexit)."),
+    source: Optional[str] = typer.Argument(None, help="Frames to profile on (as edgeexit run takes them: image, "
+                                           "folder, video, camera ...) (default: the demo samples)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: profile-<bundle name>)."),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt."),
+    providers: Optional[str] = typer.Option(None, "--providers", help="ONNX Runtime providers in order, e.g. "
+                                            "tensorrt,cuda,cpu (default: the best available)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads per ONNX Runtime session."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Frames per batch."),
+    frames: int = typer.Option(200, "--frames", min=1, help="Frames of SOURCE for the adaptive and full runs "
+                               "(a shorter source is cycled)."),
+    warmup_ms: float = typer.Option(200.0, "--warmup-ms", min=0, help="Warm-up time before measuring (as trtexec)."),
+    iterations: int = typer.Option(200, "--iterations", min=1, help="Timed runs of each segment and each head alone."),
+    meter: str = typer.Option("auto", "--meter", help="Power meter: auto, jetson, nvml, rapl, constant or none."),
+    power_watts: Optional[float] = typer.Option(None, "--power-watts", help="Watts for --meter constant (energy is "
+                                                "then an estimate, labelled so)."),
+    rate_hz: float = typer.Option(100.0, "--rate-hz", help="Power sampling rate."),
+    cost_metric: str = typer.Option("latency_ms", "--cost-metric", help="latency_ms or energy_mj: the metric of "
+                                    "costs.json (both are recorded)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
+) -> None:
+    """Measure each segment and head alone (latency, energy) and the adaptive chain against full depth on the same
+    frames; write profile.json, costs.json (for edgeexit calibrate --costs) and plots. Works without torch."""
+    from .runtime.backends import BackendError
+    from .runtime.bundle import BundleError
+    from .runtime.meters import MeterError
+    from .runtime.profile import profile_command
+    from .runtime.sources import SourceError
+
+    try:
+        code = profile_command(bundle, source, out=str(out) if out else None, backend=backend, providers=providers,
+                               threads=threads, batch=batch, frames=frames, warmup_ms=warmup_ms, iterations=iterations,
+                               meter=meter, power_watts=power_watts, rate_hz=rate_hz, cost_metric=cost_metric,
+                               quiet=quiet)
+    except (BundleError, SourceError, BackendError, MeterError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    if code:
+        raise typer.Exit(code)
+
+
 def _print_exit_table(ckpt: dict) -> None:
     from rich.console import Console
     from rich.table import Table

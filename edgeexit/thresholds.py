@@ -99,6 +99,7 @@ def greedy_path(
     correct: np.ndarray,
     cumulative_cost: Sequence[float],
     n_candidates: int = 64,
+    reference_cost: Optional[float] = None,
 ) -> List[PathPoint]:
     """Greedy accuracy/cost path over per-exit thresholds, from full depth down to the cheapest point.
 
@@ -110,6 +111,10 @@ def greedy_path(
     so moves that save cost without losing accuracy go first; ties go to the larger saving, then the lower exit.
     Stops when every threshold is at its lowest candidate (the cheapest point). Every point is recorded, the
     first being full depth; mean cost never increases along the path.
+
+    ``cost_fraction`` of each point is ``mean_cost / reference_cost``; ``reference_cost`` defaults to full depth,
+    ``cumulative_cost[-1]`` (pass the plain network's cost, without the internal heads, to express budgets
+    against it; full depth then has a fraction slightly above 1).
     """
     s, c, cost = _check_inputs(scores, correct, cumulative_cost)
     n, e = c.shape
@@ -118,7 +123,9 @@ def greedy_path(
     if int(n_candidates) < 1:
         raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
     k_int = e - 1
-    full = float(cost[-1])
+    full = float(cost[-1]) if reference_cost is None else float(reference_cost)
+    if not (math.isfinite(full) and full > 0):
+        raise ValueError(f"reference_cost must be finite and > 0, got {reference_cost!r}")
     rows = np.arange(n)
     cands = [_candidates(s[:, i], int(n_candidates)) for i in range(k_int)]
     pos = np.full(k_int, -1, dtype=np.int64)  # index into cands[i]; -1 = +inf
@@ -171,7 +178,7 @@ def choose(
 
     - ``target_accuracy``: the cheapest point with ``accuracy >= target`` (ties: more accurate); if none reaches
       it, the full-depth point (the most expensive one, ties: more accurate).
-    - ``budget`` (mean cost as a fraction of full depth, ``cost_fraction``): the most accurate point with
+    - ``budget`` (mean cost as a fraction of the path's reference cost, full depth by default: ``cost_fraction``): the most accurate point with
       ``cost_fraction <= budget`` (ties: cheaper); if none fits, the cheapest point.
     """
     if (target_accuracy is None) == (budget is None):

@@ -55,3 +55,13 @@ def tiny_ckpt(tmp_path_factory, tiny_folder) -> Path:
                       input_size=24, epochs=2, batch_size=16, lr=0.05, val_fraction=0.25, seed=0)
     train(cfg, log=lambda _m: None, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_ckpt) -> Path:
+    """``tiny_ckpt`` exported to a bundle (ONNX files + manifest, checked against torch). Treat as read-only:
+    copy it (shutil.copytree) before modifying it."""
+    from edgeexit.export.onnx_export import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    return export_bundle(tiny_ckpt, out, samples=16, log=lambda _m: None)

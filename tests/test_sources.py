@@ -258,7 +258,7 @@ def test_camera_stops_delivering_ends_after_retries():
         frames = list(src)
     assert [f.index for f in frames] == [0, 1, 2, 3, 4]
     assert src.ended_reason == "camera stopped delivering after 3 retries"
-    assert len(factory.calls) == 4 and factory.calls[0] == ("/dev/video0", "v4l2")
+    assert len(factory.calls) == 4 and factory.calls[0] == (0, "v4l2")  # /dev/videoN opens by index
 
 
 def test_camera_reconnects_and_keeps_counting():
@@ -317,7 +317,8 @@ def test_csi_pipeline_string():
         open_source("csi://0", capture_factory=Factory(FakeCapture(opened=False)))
 
 
-def test_rtsp_uses_ffmpeg_and_redacts_password():
+def test_rtsp_uses_ffmpeg_and_redacts_password(monkeypatch):
+    monkeypatch.setattr(sources, "opencv_has_gstreamer", lambda: False)
     uri = "rtsp://admin:secret@10.0.0.5:554/stream1"
     factory = Factory(FakeCapture(n_frames=2))
     with open_source(uri, capture_factory=factory, retries=0) as src:
@@ -329,6 +330,16 @@ def test_rtsp_uses_ffmpeg_and_redacts_password():
     with pytest.raises(SourceError) as info:
         open_source(uri, capture_factory=Factory(FakeCapture(opened=False)))
     assert "secret" not in str(info.value) and "cannot open stream" in str(info.value)
+
+
+def test_rtsp_prefers_gstreamer_then_falls_back_to_ffmpeg(monkeypatch):
+    monkeypatch.setattr(sources, "opencv_has_gstreamer", lambda: True)
+    uri = "rtsp://10.0.0.5:554/stream1"
+    factory = Factory(FakeCapture(opened=False), FakeCapture(n_frames=1))
+    with open_source(uri, capture_factory=factory, retries=0) as src:
+        assert src.backend == "ffmpeg" and len(list(src)) == 1
+    assert factory.calls == [(sources.rtsp_pipeline(uri), "gstreamer"), (uri, "ffmpeg")]
+    assert factory.calls[0][0].startswith(f"rtspsrc location={uri} ")
 
 
 # ----------------------------------------------------------------------------------------------------------------

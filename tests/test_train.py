@@ -165,3 +165,11 @@ def test_distributed_training_with_gloo_two_processes(tiny_folder, tmp_path):
     assert r.stdout.count("epoch 2/2") == 1
     # both ranks saw a different half of each batch: steps = images // global batch
     assert ckpt["step"] == 2 * (ckpt["split"]["num_train"] // 16)
+
+
+def test_large_inputs_train_on_cpu(tmp_path):
+    """96x96 inputs (the canvas benchmark's size) train without crashing: see training_memory_format."""
+    data = write_folder(tmp_path / "data", per_class=4, size=96)
+    ckpt = train(_cfg(data, tmp_path / "m.pt", input_size=96, epochs=1, batch_size=8, val_fraction=0.25),
+                 log=lambda _m: None, progress=False)
+    assert ckpt["epoch"] == 1

@@ -743,7 +743,9 @@ def _camera_device(text: str) -> Optional[Tuple[Union[int, str], str]]:
         n = int(text)
         return n, (f"/dev/video{n}" if sys.platform.startswith("linux") else f"camera {n}")
     if text.startswith("/dev/video"):
-        return text, text
+        # OpenCV's V4L2 backend opens by index everywhere, by name only in some builds: /dev/videoN -> N
+        suffix = text[len("/dev/video"):]
+        return (int(suffix) if suffix.isdigit() else text), text
     return None
 
 
@@ -798,7 +800,7 @@ def open_source(
         return LiveSource(uri, kind="camera", label=f"camera {camera[1]}", candidates=[(camera[0], backend)], **common, **live)
     if lower.startswith(("rtsp://", "rtsps://")):
         candidates: list[Tuple[Union[int, str], str]] = []
-        if capture_factory is None and opencv_has_gstreamer():
+        if opencv_has_gstreamer():  # try GStreamer first (hardware decode on Jetson), then FFMPEG
             candidates.append((rtsp_pipeline(uri), "gstreamer"))
         candidates.append((uri, "ffmpeg"))
         return LiveSource(uri, kind="rtsp", label=f"stream {_redact(uri)}", candidates=candidates, **common, **live)

@@ -1,0 +1,375 @@
+"""Evaluation report of a calibrated checkpoint on a labelled folder: does saliency beat softmax?
+
+Everything here applies what calibration fixed (temperatures, signs, thresholds, learned weights); the evaluation
+data tunes nothing. For every calibrated gate:
+
+- the accuracy-vs-mean-cost curve: every point of the gate's calibration path (its per-exit thresholds) applied to
+  the evaluation data, and the area under it (``metrics.accuracy_cost_auc``, cost normalised to full depth);
+- the calibrated operating point (the gate's ``ExitPolicy``, as the runtime applies it): accuracy, mean cost,
+  exit histogram;
+- the failure-prediction AUROC per internal exit: how well the oriented score separates right from wrong answers
+  of that exit;
+
+plus per-exit accuracy and the oracle (each image leaves at its earliest right exit). ``--corrupt`` repeats the
+operating points on corrupted copies of the images (``edgeexit.corrupt``) at each severity, with the clean-
+calibrated thresholds. Outputs: a rich table, ``report.json`` (written atomically) and PNG plots.
+
+report.json keys (schema ``edgeexit-report/1``; accuracies in [0, 1], costs as fractions of the plain network,
+non-finite numbers written as null):
+``schema, created, edgeexit_version, checkpoint, data, n, skipped, limit, classes, costs, calibration, exit_accuracy,
+exit_cost, oracle, gates, winner, comparison, corruptions, plots``; each ``gates[name]``: ``family, accuracy,
+mean_cost, drop, histogram, auroc, mean_auroc, auc, curve, signs, thresholds, calibrated``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import numpy as np
+
+from .calibrate import GATE_FAMILY, CostModel, raw_scores, resolve_costs
+from .metrics import accuracy_cost_auc, auroc
+from .policy import ExitPolicy
+from .thresholds import oracle, simulate
+
+__all__ = ["REPORT_SCHEMA", "REPORT_KEYS", "GATE_KEYS", "NotCalibratedError", "require_calibration", "analyse",
+           "evaluate", "print_report", "write_json"]
+
+REPORT_SCHEMA = "edgeexit-report/1"
+REPORT_KEYS = ("schema", "created", "edgeexit_version", "checkpoint", "data", "n", "skipped", "limit", "classes",
+               "costs", "calibration", "exit_accuracy", "exit_cost", "oracle", "gates", "winner", "comparison",
+               "corruptions", "plots")
+GATE_KEYS = ("family", "accuracy", "mean_cost", "drop", "histogram", "auroc", "mean_auroc", "auc", "curve", "signs",
+             "thresholds", "calibrated")
+CAM_FAMILIES = ("saliency", "coherence")
+
+
+class NotCalibratedError(ValueError):
+    """A checkpoint without ``calibration`` / ``policy``."""
+
+
+def require_calibration(ckpt: Dict[str, Any], path: Path | str) -> Dict[str, Any]:
+    cal = ckpt.get("calibration")
+    if not isinstance(cal, dict) or not cal.get("gates") or not ckpt.get("policy"):
+        raise NotCalibratedError(f"{path} is not calibrated: run edgeexit calibrate first")
+    return cal
+
+
+def _finite(x: float) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _nan_mean(values: Sequence[float]) -> float:
+    v = np.asarray([x for x in values if _finite(x)], dtype=np.float64)
+    return float(v.mean()) if v.size else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# analysis of one set of outputs
+# ----------------------------------------------------------------------------------------------------------------
+def analyse(outputs, cal: Dict[str, Any], frac: np.ndarray, curves: bool = True) -> Dict[str, Any]:
+    """Per-exit accuracy, oracle and, for every calibrated gate, curve / operating point / AUROC on ``outputs``
+    (labelled ``ExitOutputs``), with calibration's temperatures, signs, thresholds and learned weights.
+    ``frac``: cost of leaving at each exit as a fraction of the plain network."""
+    frac = np.asarray(frac, dtype=np.float64)
+    n, e = len(outputs), outputs.num_exits
+    signals = outputs.signals(cal["temperatures"])
+    classes = outputs.classes
+    correct = outputs.correct
+    patience = outputs.patience
+    rows = np.arange(n)
+    exit_acc = correct.mean(axis=0)
+    final_acc = float(exit_acc[-1])
+    oracle_cost, oracle_acc = oracle(correct, frac)
+    gates_out: Dict[str, Any] = {}
+    for name, g in cal["gates"].items():
+        policy = ExitPolicy.from_dict(g["policy"])
+        if policy.num_exits != e:
+            raise ValueError(f"the calibration of gate {name} has {policy.num_exits} exits, the model {e}")
+        signs = np.asarray(policy.signs, dtype=np.float64)
+        oriented = raw_scores(name, signals, patience, policy.learned) * signs[None, :]
+        ex = policy.decide(signals, classes)  # the operating point, exactly as the runtime decides
+        acc = float(correct[rows, ex].mean())
+        cost = float(frac[ex].mean())
+        aurocs = []
+        for i in range(e - 1):
+            keep = np.isfinite(oriented[:, i])
+            aurocs.append(float(auroc(oriented[keep, i], correct[keep, i])))
+        entry: Dict[str, Any] = {
+            "family": GATE_FAMILY.get(name, name),
+            "accuracy": acc,
+            "mean_cost": cost,
+            "drop": 100.0 * (final_acc - acc),
+            "histogram": [int(v) for v in np.bincount(ex, minlength=e)],
+            "auroc": aurocs,
+            "mean_auroc": _nan_mean(aurocs),
+            "signs": [float(s) for s in policy.signs],
+            "thresholds": [float(t) for t in policy.thresholds],
+        }
+        path_thr = g.get("path_thresholds") or [policy.thresholds]
+        curve = []
+        for thr in path_thr:
+            _, a, c = simulate(oriented, correct, frac, thr)
+            curve.append([float(c), float(a)])
+        entry["auc"] = accuracy_cost_auc([c for c, _ in curve], [a for _, a in curve], full_cost=float(frac[-1]))
+        if curves:
+            entry["curve"] = curve
+        entry["calibrated"] = {k: g.get(k) for k in ("accuracy", "mean_cost", "auc", "mean_auroc")}
+        gates_out[name] = entry
+    return {
+        "n": int(n),
+        "exit_accuracy": [float(a) for a in exit_acc],
+        "oracle": {"mean_cost": float(oracle_cost), "accuracy": float(oracle_acc)},
+        "gates": gates_out,
+    }
+
+
+def compare_families(gates: Dict[str, Any]) -> Dict[str, Any]:
+    """Best gate of each family by curve area (AUC), then mean AUROC; and the headline: does a CAM gate (saliency
+    or coherence) beat the best softmax gate?"""
+    best: Dict[str, Any] = {}
+    for name, g in gates.items():
+        fam = g["family"]
+        key = (g["auc"] if _finite(g["auc"]) else -1.0, g["mean_auroc"] if _finite(g["mean_auroc"]) else -1.0)
+        if fam not in best or key > best[fam]["_key"]:
+            best[fam] = {"gate": name, "auc": g["auc"], "mean_auroc": g["mean_auroc"], "accuracy": g["accuracy"],
+                         "mean_cost": g["mean_cost"], "_key": key}
+    for v in best.values():
+        v.pop("_key")
+    soft = best.get("softmax")
+    cams = [best[f] for f in CAM_FAMILIES if f in best]
+    cam = max(cams, key=lambda v: (v["auc"] if _finite(v["auc"]) else -1.0)) if cams else None
+    out: Dict[str, Any] = {"metric": "auc", "families": best, "best_softmax": soft, "best_cam": cam}
+    if soft and cam and _finite(soft["auc"]) and _finite(cam["auc"]):
+        out["saliency_beats_softmax"] = bool(cam["auc"] > soft["auc"])
+        out["auc_gain"] = float(cam["auc"] - soft["auc"])
+        out["auroc_gain"] = (float(cam["mean_auroc"] - soft["mean_auroc"])
+                             if _finite(cam["mean_auroc"]) and _finite(soft["mean_auroc"]) else None)
+    else:
+        out["saliency_beats_softmax"] = None
+        out["auc_gain"] = None
+        out["auroc_gain"] = None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# json
+# ----------------------------------------------------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Strict JSON (nan / inf -> null), written atomically (temporary file + rename)."""
+    path = Path(path)
+    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # a report is meant to be read (mkstemp creates 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------------------------
+def evaluate(
+    ckpt_path: Path | str,
+    data: Path | str,
+    *,
+    out: Optional[Path | str] = None,
+    corrupt: Optional[Sequence[str] | str] = None,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    costs_path: Optional[Path | str] = None,
+    cost_metric: Optional[str] = None,
+    limit: Optional[int] = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    seed: int = 0,
+    plots: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
+    """Evaluate a calibrated checkpoint on a labelled folder; writes ``report.json`` and plots into ``out``
+    (default ``reports/<checkpoint stem>``). Returns the report dict."""
+    from . import __version__
+    from .calibrate import _device
+    from .checkpoint import load_checkpoint, load_model
+    from .collect import collect, labelled_images, progress_bar
+    from .corrupt import SEVERITY_PARAMS, corrupt as corrupt_images, parse_kinds
+    from .preprocess import Preprocess
+
+    ckpt_path = Path(ckpt_path)
+    cal = require_calibration(load_checkpoint(ckpt_path), ckpt_path)  # fail before any heavy work
+    kinds = parse_kinds(corrupt if isinstance(corrupt, str) else ",".join(corrupt)) if corrupt else []
+    sev = sorted({int(s) for s in severities})
+    if kinds and (not sev or sev[0] < 1 or sev[-1] > 5):
+        raise ValueError(f"--severities must lie in 1..5, got {list(severities)}")
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data}")
+    out_dir = Path(out) if out is not None else Path("reports") / ckpt_path.stem
+    model, ckpt = load_model(ckpt_path)
+    costs = resolve_costs(model, costs_path, cost_metric) if costs_path is not None else CostModel.from_dict(cal["costs"])
+    frac = costs.fraction
+    split_root = (cal.get("split") or {}).get("data") or (ckpt.get("split") or {}).get("data")
+    if split_root and Path(split_root).resolve() == data.resolve():
+        log(f"edgeexit: warning: {data} is the training folder: its images were used for training and calibration")
+
+    images = labelled_images(data, ckpt, limit=limit, seed=seed, progress=progress)
+    preprocess = Preprocess.from_dict(ckpt["preprocess"])
+    dev = _device(device)
+    outputs = collect(model, images.images, images.labels, preprocess, batch_size, dev, progress,
+                      paths=images.paths, description="evaluation images")
+    clean = analyse(outputs, cal, frac)
+
+    corruptions: Dict[str, Any] = {}
+    if kinds:
+        with progress_bar(progress, "corruptions", len(kinds) * len(sev)) as bar:
+            for kind in kinds:
+                entry: Dict[str, Any] = {"params": list(SEVERITY_PARAMS[kind]), "severities": {}}
+                for s in sev:
+                    bad = corrupt_images(images.images, kind, s, seed=seed)
+                    out_s = collect(model, bad, images.labels, preprocess, batch_size, dev, False)
+                    res = analyse(out_s, cal, frac, curves=False)
+                    entry["severities"][str(s)] = res
+                    bar.advance()
+                corruptions[kind] = entry
+
+    report: Dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "edgeexit_version": __version__,
+        "checkpoint": str(ckpt_path),
+        "data": str(data),
+        "n": clean["n"],
+        "skipped": int(images.skipped),
+        "limit": limit,
+        "classes": list(ckpt["classes"]),
+        "costs": costs.to_dict(),
+        "calibration": {k: cal.get(k) for k in ("target", "winner", "temperatures", "n", "cost_source", "split",
+                                                 "folds", "created")},
+        "exit_accuracy": clean["exit_accuracy"],
+        "exit_cost": [float(v) for v in frac],
+        "oracle": clean["oracle"],
+        "gates": clean["gates"],
+        "winner": cal["winner"],
+        "comparison": compare_families(clean["gates"]),
+        "corruptions": corruptions,
+        "plots": {},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plots:
+        from .plots import write_report_plots
+
+        report["plots"] = write_report_plots(report, out_dir)
+    write_json(out_dir / "report.json", report)
+    report["out"] = str(out_dir)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# terminal output
+# ----------------------------------------------------------------------------------------------------------------
+def _pct(x: Any, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}" if _finite(x) else "-"
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if _finite(x) else "-"
+
+
+def print_report(report: Dict[str, Any], console=None) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from .calibrate import histogram_text
+
+    console = console or Console()
+    exits = Table(title=f"Exits on {report['data']} ({report['n']} images)", box=box.SIMPLE_HEAVY)
+    exits.add_column("", justify="left")
+    for i in range(len(report["exit_accuracy"])):
+        exits.add_column(f"exit {i}", justify="right")
+    exits.add_row("cost % of plain network", *[_pct(c) for c in report["exit_cost"]])
+    exits.add_row("accuracy %", *[_pct(a) for a in report["exit_accuracy"]])
+    console.print(exits)
+
+    final = report["exit_accuracy"][-1]
+    t = report["calibration"]["target"] or {}
+    goal = (f"accuracy within {t.get('max_drop'):g} pts of the final exit" if t.get("kind") == "accuracy"
+            else f"mean cost <= {_pct(t.get('budget'))}%")
+    gates = Table(title=f"Exit gates at their calibrated operating points (target: {goal}; thresholds from "
+                        f"{report['calibration'].get('n')} calibration images)",
+                  caption=f"final exit {_pct(final)}%; oracle (earliest right exit): {_pct(report['oracle']['accuracy'])}% "
+                          f"at {_pct(report['oracle']['mean_cost'])}% cost; * = calibrated "
+                          f"winner; calib. = acc % / cost % on the "
+                          f"calibration split; AUC = area under accuracy vs cost (0..1); AUROC = mean "
+                          f"failure-prediction AUROC over internal exits; exits % = share leaving at each exit",
+                  box=box.SIMPLE_HEAVY)
+    for col in ("gate", "cost %", "acc %", "calib.", "AUC", "AUROC", "exits %", ""):
+        gates.add_column(col, justify="left" if col in ("gate", "") else "right", no_wrap=True)
+    for name, g in report["gates"].items():
+        won = name == report["winner"]
+        c = g.get("calibrated") or {}
+        gates.add_row(name, _pct(g["mean_cost"]), _pct(g["accuracy"]),
+                      f"{_pct(c.get('accuracy'))}/{_pct(c.get('mean_cost'), 0)}", _num(g["auc"]), _num(g["mean_auroc"]),
+                      histogram_text(g["histogram"]), "*" if won else "", style="bold green" if won else None)
+    console.print(gates)
+
+    cmp_ = report["comparison"]
+    soft, cam = cmp_.get("best_softmax"), cmp_.get("best_cam")
+    if soft and cam and cmp_.get("saliency_beats_softmax") is not None:
+        verdict = "YES" if cmp_["saliency_beats_softmax"] else "NO"
+        console.print(f"Does saliency beat softmax? {verdict}: best CAM gate {cam['gate']} AUC {_num(cam['auc'])} "
+                      f"(AUROC {_num(cam['mean_auroc'])}) vs best softmax gate {soft['gate']} AUC {_num(soft['auc'])} "
+                      f"(AUROC {_num(soft['mean_auroc'])})")
+
+    if report.get("corruptions"):
+        names = list(report["gates"])
+        shown = [report["winner"]] + [g for g in ("max_prob", "sal_entropy", "coh_cosine", "learned")
+                                      if g in names and g != report["winner"]]
+        table = Table(title="Under corruption, clean-calibrated thresholds: accuracy % / mean cost % per gate",
+                      caption="final = the last exit alone", box=box.SIMPLE_HEAVY)
+        for col in ("corruption", "sev", "final", *shown):
+            table.add_column(col, justify="left" if col == "corruption" else "right", no_wrap=True)
+
+        def cell(res, g):
+            return f"{_pct(res['gates'][g]['accuracy'])}/{_pct(res['gates'][g]['mean_cost'], 0)}"
+
+        table.add_row("clean", "0", _pct(final), *[cell(report, g) for g in shown])
+        for kind, entry in report["corruptions"].items():
+            for s, res in entry["severities"].items():
+                table.add_row(kind, s, _pct(res["exit_accuracy"][-1]), *[cell(res, g) for g in shown])
+        console.print(table)
+    if report.get("out"):
+        console.print(f"report: {Path(report['out']) / 'report.json'}"
+                      + (f"; plots: {', '.join(report['plots'].values())}" if report.get("plots") else ""))

@@ -1,0 +1,272 @@
+"""Outputs of ``edgeexit run``: one JSON line per frame, and annotated frames (label, exit, CAM overlay).
+
+- :class:`JsonlWriter`: stdout or a file; every line is written whole and flushed at once, so an interrupted run
+  keeps every line already written.
+- :class:`FrameSaver`: PNG files for image sources, one video (``cv2.VideoWriter``: .mp4, else .avi) for video and
+  live sources. Each frame shows the predicted label, its confidence and the exit index, with the CAM of the
+  deciding exit as a jet overlay over the centre crop the model saw.
+
+Only numpy and pillow are needed for PNGs; OpenCV is imported for videos only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, TextIO, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "JsonlWriter",
+    "FrameSaver",
+    "frame_record",
+    "jet",
+    "annotate",
+    "crop_box",
+]
+
+_MIN_SIDE = 256  # small frames (e.g. 32x32) are enlarged before drawing so the text stays readable
+
+
+def _num(value: Any, digits: int = 6) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def frame_record(frame: Any, decision: Any, classes: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
+    """The JSON record of one frame: frame index, file name or source time, prediction, exit, gate score,
+    latency, true label when known, and the failure reason (null when it did not fail)."""
+    rec: Dict[str, Any] = {"frame": int(frame.index)}
+    if frame.source_time is not None:
+        rec["time"] = _num(frame.source_time, 4)
+    rec["name"] = frame.name
+    failed = bool(decision.failed)
+    rec["class_id"] = None if failed else int(decision.class_id)
+    rec["label"] = None if failed else decision.label
+    rec["confidence"] = None if failed else _num(decision.confidence)
+    rec["exit"] = int(decision.exit_index)
+    rec["gate_score"] = None if failed else _num(decision.gate_score)
+    rec["latency_ms"] = _num(decision.latency_ms, 4)
+    rec["macs"] = int(decision.macs)
+    if frame.label is not None:
+        rec["true_id"] = int(frame.label)
+        if classes is not None and 0 <= int(frame.label) < len(classes):
+            rec["true_label"] = classes[int(frame.label)]
+        rec["correct"] = (not failed) and int(decision.class_id) == int(frame.label)
+    rec["failed"] = decision.reason if failed else None
+    return rec
+
+
+class JsonlWriter:
+    """JSON lines to ``path`` (created or truncated) or to stdout (``path`` None or "-")."""
+
+    def __init__(self, path: Union[None, str, Path] = None, stream: Optional[TextIO] = None):
+        self.path = None if path in (None, "-") else Path(path)  # type: ignore[arg-type]
+        self.lines = 0
+        if self.path is not None:
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh: TextIO = open(self.path, "w", encoding="utf-8", buffering=1)
+            self._own = True
+        else:
+            self._fh = stream if stream is not None else sys.stdout
+            self._own = False
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.path is None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        line = json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n"
+        self._fh.write(line)  # one call: the line is in the buffer whole, or not at all
+        self._fh.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None  # type: ignore[assignment]
+        if fh is None:
+            return
+        try:
+            fh.flush()
+            if self._own:
+                try:
+                    os.fsync(fh.fileno())
+                except (OSError, ValueError, io.UnsupportedOperation):
+                    pass
+                fh.close()
+        except (OSError, ValueError):
+            pass
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# drawing
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """The jet colour map: values in [0, 1] (any shape) -> uint8 RGB (shape + (3,)). Blue (0) -> red (1)."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
+    return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def crop_box(height: int, width: int, resize: int, crop: int) -> Tuple[int, int, int, int]:
+    """(top, left, bottom, right) in the original frame of the centre crop the preprocessing takes
+    (shorter side resized to ``resize``, then a ``crop`` x ``crop`` centre crop)."""
+    scale = resize / min(height, width)
+    new_h, new_w = max(crop, round(height * scale)), max(crop, round(width * scale))
+    top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    sy, sx = height / new_h, width / new_w
+    return (int(round(top * sy)), int(round(left * sx)), int(round((top + crop) * sy)), int(round((left + crop) * sx)))
+
+
+def _font(size: int) -> Any:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pillow < 10.1
+        return ImageFont.load_default()
+
+
+def annotate(
+    image: np.ndarray,
+    decision: Any,
+    resize: Optional[int] = None,
+    crop: Optional[int] = None,
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """An annotated copy (uint8 RGB) of a frame: the CAM of the deciding exit as a jet overlay on the centre crop
+    (``resize``/``crop`` from the bundle's preprocessing; the whole frame when omitted), and a text bar with the
+    label, the confidence and the exit index (or the failure)."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    img = np.ascontiguousarray(img[:, :, :3], dtype=np.uint8)
+    h, w = img.shape[:2]
+    if resize and crop:
+        top, left, bottom, right = crop_box(h, w, resize, crop)
+    else:
+        top, left, bottom, right = 0, 0, h, w
+    factor = max(1, math.ceil(_MIN_SIDE / max(1, min(h, w))))
+    if factor > 1:
+        img = np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+        top, left, bottom, right = top * factor, left * factor, bottom * factor, right * factor
+    out = img.astype(np.float32)
+    cam = getattr(decision, "cam", None)
+    if cam is not None and not decision.failed and bottom > top and right > left:
+        m = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        m = np.maximum(m, 0.0)
+        peak = float(m.max()) if m.size else 0.0
+        m = m / peak if peak > 0 else m
+        resized = np.asarray(Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize((right - left, bottom - top), Image.BILINEAR))
+        overlay = jet(resized).astype(np.float32)
+        region = out[top:bottom, left:right]
+        out[top:bottom, left:right] = (1.0 - alpha) * region + alpha * overlay
+    pil = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    if (top, left, bottom, right) != (0, 0, pil.height, pil.width):
+        draw.rectangle([left, top, right - 1, bottom - 1], outline=(255, 255, 255), width=max(1, pil.width // 400))
+    if decision.failed:
+        text = f"FAILED: {decision.reason or ''}"[:80]
+    else:
+        text = f"{decision.label} {100 * float(decision.confidence):.0f}%  exit {decision.exit_index}"
+    size = max(12, pil.height // 24)
+    font = _font(size)
+    bar = int(size * 1.6)
+    draw.rectangle([0, 0, pil.width, bar], fill=(0, 0, 0))
+    draw.text((size // 3, (bar - size) // 2), text, fill=(255, 255, 255), font=font)
+    return np.asarray(pil)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# saving
+
+
+def _safe_relative(name: str) -> Path:
+    parts = [p for p in Path(str(name).replace("\\", "/")).parts if p not in ("", ".", "..", "/")]
+    return Path(*parts) if parts else Path("frame")
+
+
+class FrameSaver:
+    """Annotated frames under ``directory``: PNGs (image and folder sources, named after the input file) or one
+    video (other sources: ``<video stem>.mp4`` or ``<kind>.mp4``; .avi with MJPG when no mp4 encoder is there)."""
+
+    def __init__(self, directory: Union[str, Path], source: Any, preprocess: Any = None, warn: Any = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.as_video = getattr(source, "kind", "image") not in ("image", "folder")
+        self.fps = float(getattr(source, "fps", None) or 25.0)
+        stem = Path(getattr(source, "path", "") or "").stem if getattr(source, "kind", "") == "video" else ""
+        self.video_stem = stem or getattr(source, "kind", "video")
+        self.resize = getattr(preprocess, "resize", None)
+        self.crop = getattr(preprocess, "crop", None)
+        self._warn = warn or (lambda m: print(m, file=sys.stderr))
+        self._writer: Any = None
+        self._tried = False
+        self._size: Optional[Tuple[int, int]] = None
+        self.video_path: Optional[Path] = None
+        self.saved = 0
+
+    def save(self, frame: Any, decision: Any) -> None:
+        picture = annotate(frame.image, decision, self.resize, self.crop)
+        if not self.as_video:
+            path = self.directory / _safe_relative(frame.name).with_suffix(".png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture).save(path)
+            self.saved += 1
+            return
+        if self._writer is None and not self._tried:
+            self._tried = True
+            self._open(picture.shape[1], picture.shape[0])
+        if self._writer is None:  # no encoder: fall back to PNGs
+            path = self.directory / f"{self.video_stem}_{int(frame.index):06d}.png"
+            Image.fromarray(picture).save(path)
+            self.saved += 1
+            return
+        if (picture.shape[1], picture.shape[0]) != self._size:
+            picture = np.asarray(Image.fromarray(picture).resize(self._size, Image.BILINEAR))
+        self._writer.write(np.ascontiguousarray(picture[:, :, ::-1]))  # OpenCV wants BGR
+        self.saved += 1
+
+    def _open(self, width: int, height: int) -> None:
+        try:
+            import cv2  # noqa: PLC0415
+        except ImportError:
+            self._warn("edgeexit: warning: OpenCV is missing: saving annotated frames as PNG instead of a video")
+            return
+        for suffix, codec in ((".mp4", "mp4v"), (".avi", "MJPG")):
+            path = self.directory / f"{self.video_stem}{suffix}"
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), self.fps, (width, height))
+            if writer.isOpened():
+                self._writer, self._size, self.video_path = writer, (width, height), path
+                return
+            writer.release()
+            path.unlink(missing_ok=True)
+        self._warn(f"edgeexit: warning: no video encoder for {self.directory}: saving annotated frames as PNG")
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.release()
+
+    def __enter__(self) -> "FrameSaver":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

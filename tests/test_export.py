@@ -1,0 +1,652 @@
+"""edgeexit export: head graph == numpy gates, ONNX Runtime == torch for every backbone, chained decisions, atomicity,
+--force, the CLI, and the TensorRT builder driven through a fake ``tensorrt`` module."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgeexit.gates import SIGNAL_NAMES, exit_signals, softmax
+from edgeexit.models import multi_exit
+from edgeexit.policy import ExitPolicy
+from edgeexit.runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_file
+
+from edgeexit.export import onnx_export
+from edgeexit.export import tensorrt as trtx
+from edgeexit.export.head_graph import HeadGraph, SignalGraph
+from edgeexit.export.onnx_export import ExportCheckError, ExportError, export_bundle
+
+QUIET = dict(log=lambda _m: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one torch thread is faster than two contended ones (2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _leftovers(parent: Path, name: str):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+# -- the head graph mirrors edgeexit.gates -------------------------------------------------------------------------
+GRIDS = [((4, 4), (8, 8)), ((8, 8), (4, 4)), ((3, 5), (7, 2)), ((1, 1), (4, 4)), ((4, 4), (1, 1)), ((1, 1), (1, 1)),
+         ((6, 6), (6, 6)), ((4, 4), None), ((1, 1), None)]
+
+
+def _edge_maps(rng, b, hw, prev_hw):
+    cam = rng.normal(0.0, 2.0, (b, *hw)).astype(np.float32)
+    cam[0] = 0.0  # all zero -> uniform
+    cam[1] = -np.abs(cam[1]) - 0.1  # all negative -> uniform
+    cam[2] = 0.0
+    cam[2, -1, 0] = 3.0  # one-hot
+    cam[3] = 7.0  # constant positive
+    cam[4] *= 1e3  # large values
+    cam[5] *= 1e-20  # tiny values
+    prev = None
+    if prev_hw is not None:
+        prev = rng.normal(0.0, 2.0, (b, *prev_hw)).astype(np.float32)
+        prev[0] = 0.0  # both uniform: SSIM 1
+        prev[2] = 0.0
+        prev[2, 0, -1] = 1.0  # one-hot elsewhere
+        prev[3] = -1.0
+        prev[6] = np.abs(prev[6])
+    return cam, prev
+
+
+@pytest.mark.parametrize("hw,prev_hw", GRIDS)
+@pytest.mark.parametrize("num_classes", [1, 2, 10])
+def test_signal_graph_equals_numpy(hw, prev_hw, num_classes):
+    rng = np.random.default_rng(hash((hw, prev_hw, num_classes)) % 2**32)
+    b = 12
+    cam, prev = _edge_maps(rng, b, hw, prev_hw)
+    logits = rng.normal(0.0, 3.0, (b, num_classes)).astype(np.float32)
+    logits[7] = 0.0  # all equal
+    logits[8, 0] = 500.0  # saturated softmax
+    logits[9] *= 1e-6
+    for temperature in (1.0, 0.4, 3.0):
+        graph = SignalGraph(num_classes, hw, prev_hw, temperature)
+        probs, signals = graph(torch.from_numpy(logits), torch.from_numpy(cam), None if prev is None else torch.from_numpy(prev))
+        expected = exit_signals(logits, cam, prev, temperature)
+        assert signals.shape == (b, len(SIGNAL_NAMES)) and signals.dtype == torch.float32
+        np.testing.assert_allclose(signals.numpy(), expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(probs.numpy(), softmax(logits, temperature), atol=1e-6, rtol=0)
+        if prev is None:
+            assert np.all(signals.numpy()[:, 5:] == 0.0)
+
+
+def test_signal_graph_rejects_wrong_prev():
+    with pytest.raises(ValueError):
+        SignalGraph(3, (2, 2), (2, 2))(torch.zeros(1, 3), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError):
+        SignalGraph(3, (2, 2), None)(torch.zeros(1, 3), torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError):
+        SignalGraph(3, (2, 2), None, temperature=0.0)
+
+
+def test_head_graph_cam_is_forward_cam():
+    torch.manual_seed(0)
+    model = multi_exit("resnet20", 5, 16, width=0.25, exits=[2, 5]).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        feats = model.forward_intermediates(x)
+        outs = [h.forward_cam(f) for h, f in zip(model.heads, feats)]
+        for i, (head, f) in enumerate(zip(model.heads, feats)):
+            hw = tuple(outs[i].cam.shape[1:])
+            prev = tuple(outs[i - 1].cam.shape[1:]) if i else None
+            logits, probs, cls, cam, signals = HeadGraph(head, hw, prev, 1.3)(f, outs[i - 1].cam if i else None)
+            torch.testing.assert_close(logits, outs[i].logits)
+            torch.testing.assert_close(cam, outs[i].cam, atol=1e-5, rtol=1e-5)
+            assert torch.equal(cls, outs[i].logits.argmax(1))
+            ref = exit_signals(logits.numpy(), cam.numpy(), outs[i - 1].cam.numpy() if i else None, 1.3)
+            np.testing.assert_allclose(signals.numpy(), ref, atol=1e-5)
+
+
+# -- every built-in backbone: ONNX Runtime == torch ------------------------------------------------------------------
+BACKBONES = [("resnet20", 0.25, 16), ("resnet32", 0.25, 16), ("resnet56", 0.25, 16), ("resnet18", 0.125, 32),
+             ("mobilenetv2", 0.25, 16)]
+
+
+@pytest.mark.parametrize("arch,width,size", BACKBONES)
+def test_every_backbone_exports_with_parity(arch, width, size, tmp_path):
+    torch.manual_seed(0)
+    model = multi_exit(arch, 4, size, width=width, exit_fractions=[0.3, 0.7])
+    model.to(memory_format=torch.channels_last)  # as training leaves it: the export must not care
+    out = export_bundle(model, tmp_path / "b", samples=6, **QUIET)
+    bundle = load_bundle(out)
+    e = model.num_exits
+    assert bundle.num_exits == e == 3
+    checks = bundle.checks
+    assert checks["inputs"] == "random" and checks["decisions"]["compared"] == 6
+    assert all(v <= 1e-4 for v in checks["max_abs_error"].values()), checks["max_abs_error"]
+    for f in bundle.files():  # opset, dynamic batch axis on every tensor
+        proto = onnx.load(str(f.path))
+        assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert all(t.shape[0] == "batch" for t in (*f.inputs, *f.outputs))
+    # independent check, batch size 3 (not the export's example batch)
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    x = torch.randn(3, *model.input_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = model.forward_intermediates(x)
+        outs = [h.forward_cam(f) for h, f in zip(model.heads, feats)]
+    for i in range(e):
+        (got,) = _session(bundle.segments[i].path).run(None, {"input" if i == 0 else "features_in": (x if i == 0 else feats[i - 1]).numpy()})
+        np.testing.assert_allclose(got, feats[i].numpy(), atol=1e-4 * max(1.0, float(feats[i].abs().max())))
+        feed = {"features": feats[i].numpy()}
+        if i:
+            feed["prev_cam"] = outs[i - 1].cam.numpy()
+        logits, probs, cls, cam, signals = _session(bundle.heads[i].path).run(
+            ["logits", "probs", "class", "cam", "signals"], feed)
+        np.testing.assert_allclose(logits, outs[i].logits.numpy(), atol=1e-4)
+        np.testing.assert_array_equal(cls, outs[i].logits.argmax(1).numpy())
+        np.testing.assert_allclose(cam, outs[i].cam.numpy(), atol=1e-4)
+        ref = exit_signals(outs[i].logits.numpy(), outs[i].cam.numpy(), outs[i - 1].cam.numpy() if i else None)
+        np.testing.assert_allclose(signals, ref, atol=1e-4)
+        np.testing.assert_allclose(probs, softmax(outs[i].logits.numpy()), atol=1e-4)
+    (full,) = _session(bundle.monolithic.path).run(["logits"], {"input": x.numpy()})
+    np.testing.assert_allclose(full, outs[-1].logits.numpy(), atol=1e-4)
+
+
+# -- chained decisions ------------------------------------------------------------------------------------------------
+def test_chained_decisions_equal_torch(tiny_ckpt, tmp_path):
+    """A policy with mixed exits (median thresholds on CAM coherence, baked temperatures): running the ONNX files
+    one exit at a time, stopping where the policy says, takes the same exits and classes as the torch model."""
+    from edgeexit.checkpoint import load_model
+    from edgeexit.export.onnx_export import validation_inputs
+    from edgeexit.gates import next_patience
+    from edgeexit.preprocess import Preprocess
+
+    model, ckpt = load_model(tiny_ckpt)
+    x, source = validation_inputs(ckpt, Preprocess.from_dict(ckpt["preprocess"]), ckpt["classes"], 64, lambda _m: None)
+    assert source == "validation"
+    x = np.concatenate([x, np.flip(x, 3)])  # more samples: mirrored images
+    temps = [1.5, 0.7, 1.2, 1.0]
+    with torch.no_grad():
+        outs = model.forward_exits(torch.from_numpy(np.ascontiguousarray(x)))
+    logits = [o.logits.numpy() for o in outs]
+    cams = [o.cam.numpy() for o in outs]
+    sig = np.stack([exit_signals(logits[i], cams[i], cams[i - 1] if i else None, temps[i]) for i in range(4)], 1)
+    classes = np.stack([lg.argmax(1) for lg in logits], 1)
+    gate = SIGNAL_NAMES.index("coh_cosine")
+    thresholds = [float(np.median(sig[:, 0, 0]))] + [float(np.median(sig[:, i, gate])) for i in (1, 2)]
+    policy = ExitPolicy("coh_cosine", [1.1] + thresholds[1:], [1.0, 1.0, 1.0], temps)  # exit 0 has no coherence
+    expected = policy.decide(sig, classes)
+    assert len(set(expected.tolist())) >= 2  # the policy really splits the samples
+
+    out = export_bundle(tiny_ckpt, tmp_path / "b", policy=policy, samples=16, **QUIET)
+    bundle = load_bundle(out)
+    assert [h.temperature for h in bundle.heads] == temps and bundle.policy.thresholds == policy.thresholds
+    segs = [_session(s.path) for s in bundle.segments]
+    heads = [_session(h.path) for h in bundle.heads]
+    near = 0
+    for b in range(len(x)):
+        f, prev, count, prev_cls = x[b : b + 1].astype(np.float32), None, None, None
+        for i in range(4):
+            (f,) = segs[i].run(["features"], {"input" if i == 0 else "features_in": f})
+            feed = {"features": f} if i == 0 else {"features": f, "prev_cam": prev}
+            cls, prev, s = heads[i].run(["class", "cam", "signals"], feed)
+            count = next_patience(count, prev_cls, cls)
+            prev_cls = cls
+            if bundle.policy.should_exit(i, s, count)[0]:
+                break
+        if i < 3 and abs(policy.oriented_score(i, sig[b : b + 1, i], None)[0] - policy.thresholds[i]) < 1e-4:
+            near += 1
+            continue
+        assert (i, int(cls[0])) == (int(expected[b]), int(classes[b, expected[b]])), f"sample {b}"
+    assert near <= 2
+
+
+# -- atomicity and --force --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return multi_exit("resnet20", 3, 16, width=0.25, exits=[4])
+
+
+def _interrupt_after(monkeypatch, target, name, n):
+    real = getattr(target, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["onnx_files", "checks", "manifest"])
+def test_interrupted_export_leaves_nothing(small_model, tmp_path, monkeypatch, where):
+    if where == "onnx_files":
+        calls = _interrupt_after(monkeypatch, onnx_export, "_export_onnx", 3)
+    elif where == "checks":
+        calls = _interrupt_after(monkeypatch, onnx_export, "check_bundle_parity", 0)
+    else:
+        calls = _interrupt_after(monkeypatch, onnx_export, "write_manifest", 0)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(small_model, tmp_path / "b", samples=4, **QUIET)
+    assert calls["n"] >= 1
+    assert not (tmp_path / "b").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left either
+    with pytest.raises(BundleError):
+        load_bundle(tmp_path / "b")
+
+
+def test_force_semantics(small_model, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    first = ExitPolicy.default(2, threshold=0.5)
+    export_bundle(small_model, out, policy=first, check=False, **QUIET)
+    assert load_bundle(out).checks is None
+    with pytest.raises(FileExistsError, match="--force"):
+        export_bundle(small_model, out, policy=ExitPolicy.default(2, threshold=0.8), check=False, **QUIET)
+    assert load_bundle(out).policy.thresholds == [0.5]
+    # a replacement interrupted before it is complete leaves the old bundle in place
+    _interrupt_after(monkeypatch, onnx_export, "_export_onnx", 2)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(small_model, out, force=True, policy=ExitPolicy.default(2, threshold=0.8), check=False, **QUIET)
+    monkeypatch.undo()
+    assert load_bundle(out).policy.thresholds == [0.5]
+    assert _leftovers(tmp_path, "b") == []
+    # replaced once the new one is complete (interrupted in the very last step, removing the old bundle)
+    _interrupt_after(monkeypatch, onnx_export.shutil, "rmtree", 0)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(small_model, out, force=True, policy=ExitPolicy.default(2, threshold=0.7), check=False, **QUIET)
+    monkeypatch.undo()
+    assert load_bundle(out).policy.thresholds == [0.7]
+    # --force never deletes something that is not a bundle
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(ExportError, match="not a bundle"):
+        export_bundle(small_model, other, force=True, check=False, **QUIET)
+    assert (other / "cat.jpg").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="not a directory"):
+        export_bundle(small_model, tmp_path / "file", force=True, check=False, **QUIET)
+
+
+def test_failed_check_names_file_and_tensor(small_model, tmp_path, monkeypatch):
+    class Broken(HeadGraph):
+        def forward(self, features, prev_cam=None):
+            logits, probs, cls, cam, signals = super().forward(features, prev_cam)
+            return logits, probs, cls, cam, signals + 1e-3
+
+    monkeypatch.setattr(onnx_export, "HeadGraph", Broken)
+    with pytest.raises(ExportCheckError) as info:
+        export_bundle(small_model, tmp_path / "b", samples=4, **QUIET)
+    message = str(info.value)
+    assert "head_0.onnx" in message and "'signals'" in message and "0.001" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uncalibrated_warning_and_bad_arguments(small_model, tmp_path):
+    lines = []
+    export_bundle(small_model, tmp_path / "b", check=False, log=lines.append)
+    assert any(line.startswith("not calibrated: ") for line in lines)
+    with pytest.raises(ExportError, match="opset"):
+        export_bundle(small_model, tmp_path / "c", opset=13, **QUIET)
+    with pytest.raises(ExportError, match="exits"):
+        export_bundle(small_model, tmp_path / "c", policy=ExitPolicy.default(5), **QUIET)
+    with pytest.raises(ExportError, match="class names"):
+        export_bundle(small_model, tmp_path / "c", classes=["a"], **QUIET)
+    assert not (tmp_path / "c").exists()
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------------
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    result = CliRunner().invoke(app, ["export", *map(str, args)])
+    try:
+        stderr = result.stderr or ""
+    except ValueError:  # older click: stderr mixed into output
+        stderr = ""
+    return result, result.output if stderr in result.output else result.output + stderr
+
+
+def test_cli_bad_checkpoint_is_one_line(tmp_path):
+    result, text = _cli(tmp_path / "missing.pt", "--out", tmp_path / "b")
+    assert result.exit_code == 2 and "Traceback" not in text
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [line for line in text.splitlines() if line.startswith("edgeexit: error:")]
+    assert len(errors) == 1 and "missing.pt" in errors[0]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    result, text = _cli(tmp_path / "junk.pt", "--out", tmp_path / "b")
+    assert result.exit_code == 2 and "Traceback" not in text and "junk.pt" in text
+    result, text = _cli(tmp_path / "junk.pt")
+    assert result.exit_code == 2 and "--out" in text
+    result, text = _cli(tmp_path / "junk.pt", "--out", tmp_path / "b", "--fp16")
+    assert result.exit_code == 2 and "--tensorrt" in text
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_export_and_bundle_paths(tiny_ckpt, tiny_bundle, tmp_path):
+    ok, _ = trtx.tensorrt_available()
+    out = tmp_path / "b"
+    result, text = _cli(tiny_ckpt, "--out", out, "--samples", 4, "--tensorrt")
+    assert result.exit_code == 0, text
+    assert "segment_0.onnx" in text and "full.onnx" in text and "parity" in text
+    if not ok:
+        assert "warning: no TensorRT engines built: TensorRT is not installed" in text
+    load_bundle(out)
+    result, text = _cli(tiny_ckpt, "--out", out, "--no-check")
+    assert result.exit_code == 2 and "--force" in text
+    result, text = _cli(tiny_bundle)  # a bundle without --tensorrt
+    assert result.exit_code == 2 and "--tensorrt" in text
+    if not ok:
+        result, text = _cli(tiny_bundle, "--tensorrt")
+        assert result.exit_code == 2 and "TensorRT is not installed" in text and "Traceback" not in text
+
+
+# -- TensorRT (a fake tensorrt module checks the calls; the real one where installed) --------------------------------
+class FakeCuda:
+    def __init__(self):
+        self.allocs, self.copies, self.freed, self.contexts = [], [], 0, []
+
+    def init(self):
+        pass
+
+    def Device(self, index):
+        cuda = self
+
+        class Context:
+            def push(self):
+                cuda.contexts.append("push")
+
+            def pop(self):
+                cuda.contexts.append("pop")
+
+        return types.SimpleNamespace(name=lambda: "Fake GPU", retain_primary_context=Context)
+
+    def mem_alloc(self, nbytes):
+        cuda = self
+
+        class Buffer:
+            def __init__(self):
+                self.address, self.nbytes = 0x1000 * (len(cuda.allocs) + 1), nbytes
+
+            def __int__(self):
+                return self.address
+
+            def free(self):
+                cuda.freed += 1
+
+        buf = Buffer()
+        self.allocs.append(buf)
+        return buf
+
+    def memcpy_htod(self, buf, array):
+        assert array.flags.c_contiguous and array.dtype == np.float32 and array.nbytes == buf.nbytes
+        self.copies.append((int(buf), array.copy()))
+
+
+def make_fake_trt(version="8.6.1", fast_fp16=True, fail_parse=False, fail_build=False):
+    trt = types.SimpleNamespace(__version__=version, builders=[], calibrated=[])
+    onnx_types = {1: "FLOAT", 7: "INT64", 6: "INT32"}
+
+    class Tensor:
+        def __init__(self, value, int64_as=None):
+            t = value.type.tensor_type
+            self.name = value.name
+            self.shape = tuple(-1 if d.dim_param else d.dim_value for d in t.shape.dim)
+            self.dtype = types.SimpleNamespace(name=onnx_types[t.elem_type])
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.inputs, self.outputs = flags, [], []
+
+        num_inputs = property(lambda self: len(self.inputs))
+        num_outputs = property(lambda self: len(self.outputs))
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class Config:
+        def __init__(self):
+            self.flags, self.pools, self.profiles = set(), {}, []
+            self.int8_calibrator = self.calibration_profile = None
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pools[pool] = size
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def set_calibration_profile(self, profile):
+            self.calibration_profile = profile
+
+    class Builder:
+        platform_has_fast_fp16 = fast_fp16
+        platform_has_fast_int8 = True
+
+        def __init__(self, logger):
+            trt.builders.append(self)
+
+        def create_network(self, flags):
+            self.network = Network(flags)
+            return self.network
+
+        def create_builder_config(self):
+            self.config = Config()
+            return self.config
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            if fail_build:
+                return None
+            cal = config.int8_calibrator
+            if cal is not None:  # drive the calibrator as TensorRT does
+                assert cal.get_batch_size() == config.calibration_profile.shapes[network.inputs[0].name][0][0]
+                assert cal.read_calibration_cache() is None
+                names = [t.name for t in network.inputs]
+                while (pointers := cal.get_batch(names)) is not None:
+                    trt.calibrated.append(pointers)
+                cal.write_calibration_cache(b"calibration-table")
+            return bytearray(b"FAKE ENGINE " + " ".join(sorted(config.flags)).encode() + b" " + network.inputs[0].name.encode())
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.errors = network, []
+
+        def parse(self, data):
+            if fail_parse:
+                self.errors = [types.SimpleNamespace(desc=lambda: "In node 3 (importFoo): UNSUPPORTED_NODE: Foo")]
+                return False
+            model = onnx.load_from_string(data)
+            self.network.inputs = [Tensor(v) for v in model.graph.input]
+            self.network.outputs = [Tensor(v) for v in model.graph.output]
+            return True
+
+        num_errors = property(lambda self: len(self.errors))
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class IInt8EntropyCalibrator2:
+        def __init__(self):
+            pass
+
+    trt.Logger, trt.Builder, trt.OnnxParser, trt.IInt8EntropyCalibrator2 = Logger, Builder, OnnxParser, IInt8EntropyCalibrator2
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8")
+    return trt
+
+
+def test_calibration_batches():
+    x = np.arange(10 * 2, dtype=np.float64).reshape(10, 2)
+    batches = trtx.CalibrationBatches(x, 4)
+    got = list(batches)
+    assert [b["input"].shape for b in got] == [(4, 2), (4, 2)] and batches.dropped == 2 and batches.num_batches == 2
+    assert got[0]["input"].dtype == np.float32 and got[1]["input"].flags.c_contiguous
+    np.testing.assert_array_equal(np.concatenate([b["input"] for b in got]), x[:8])
+    assert batches.next() is None
+    batches.reset()
+    np.testing.assert_array_equal(batches.next()["input"], x[:4])
+    small = trtx.CalibrationBatches({"features": np.zeros((3, 5)), "prev_cam": np.ones((3, 2, 2))}, 32)
+    assert small.batch_size == 3 and small.num_batches == 1 and small.dropped == 0 and small.nbytes("prev_cam") == 48
+    with pytest.raises(ValueError, match="different numbers"):
+        trtx.CalibrationBatches({"a": np.zeros((3, 1)), "b": np.zeros((4, 1))}, 2)
+    with pytest.raises(ValueError):
+        trtx.CalibrationBatches(np.zeros((0, 3)), 2)
+
+
+def test_calibrator_serves_device_buffers(tmp_path):
+    trt, cuda = make_fake_trt(), FakeCuda()
+    batches = trtx.CalibrationBatches({"features": np.ones((5, 2), np.float32), "prev_cam": np.zeros((5, 3), np.float32)}, 2)
+    cal = trtx.make_calibrator(trt, cuda, batches, tmp_path / "calib.cache")
+    assert isinstance(cal, trt.IInt8EntropyCalibrator2) and cal.get_batch_size() == 2
+    first = cal.get_batch(["prev_cam", "features"])
+    assert first == [int(cal.buffers["prev_cam"]), int(cal.buffers["features"])]
+    assert cal.get_batch(["features", "prev_cam"]) is not None and cal.get_batch(["features"]) is None
+    assert len(cuda.copies) == 4 and batches.dropped == 1  # 2 batches x 2 inputs; the 5th sample left out
+    cal.write_calibration_cache(memoryview(b"table"))
+    assert (tmp_path / "calib.cache").read_bytes() == b"table" and cal.read_calibration_cache() == b"table"
+    cal.free()
+    assert cuda.freed == 2
+
+
+@pytest.mark.parametrize("version,flags", [("8.6.1.6", 1), ("10.3.0", 0)])
+def test_build_engine_against_fake_tensorrt(tiny_bundle, tmp_path, version, flags):
+    trt, cuda = make_fake_trt(version), FakeCuda()
+    head = tiny_bundle / "head_1.onnx"
+    result = trtx.build_engine(head, tmp_path / "h.engine", fp16=True, max_batch=16, opt_batch=4, workspace_mb=64,
+                               trt_module=trt, cuda_module=cuda)
+    builder = trt.builders[-1]
+    assert builder.network.flags == flags  # EXPLICIT_BATCH only before TensorRT 10
+    assert builder.config.flags == {"FP16"} and builder.config.pools == {"WORKSPACE": 64 << 20}
+    (profile,) = builder.config.profiles
+    cam = load_bundle(tiny_bundle).heads[0].output("cam").static_shape
+    assert profile.shapes["prev_cam"] == ((1, *cam), (4, *cam), (16, *cam))
+    assert set(profile.shapes) == {"features", "prev_cam"}
+    assert (tmp_path / "h.engine").read_bytes().startswith(b"FAKE ENGINE FP16")
+    assert result.precision == "fp16" and result.tensorrt_version == version and result.gpu == "Fake GPU"
+    assert result.sha256 == sha256_file(tmp_path / "h.engine") and (result.min_batch, result.max_batch) == (1, 16)
+    assert {t["name"]: t["dtype"] for t in result.io}["class"] == "int64"
+    # no fast FP16 on this GPU: FP32 with a note
+    slow = make_fake_trt(version, fast_fp16=False)
+    assert trtx.build_engine(head, tmp_path / "s.engine", fp16=True, trt_module=slow, cuda_module=cuda).precision == "fp32"
+    with pytest.raises(trtx.EngineBuildError, match="head_1.onnx.*UNSUPPORTED_NODE"):
+        trtx.build_engine(head, tmp_path / "x.engine", trt_module=make_fake_trt(fail_parse=True))
+    with pytest.raises(trtx.EngineBuildError, match="could not build"):
+        trtx.build_engine(head, tmp_path / "x.engine", trt_module=make_fake_trt(fail_build=True))
+    assert not (tmp_path / "x.engine").exists()
+    with pytest.raises(ValueError, match="min"):
+        trtx.build_engine(head, tmp_path / "x.engine", min_batch=4, opt_batch=2, trt_module=trt)
+
+
+def test_build_bundle_engines_updates_manifest(tiny_bundle, tmp_path):
+    bundle_dir = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    trt, cuda = make_fake_trt("10.3.0"), FakeCuda()
+    images = np.random.default_rng(0).normal(size=(10, 3, 24, 24)).astype(np.float32)
+    bundle = trtx.build_bundle_engines(bundle_dir, fp16=True, int8=True, calibration_images=images, max_batch=8,
+                                       trt_module=trt, cuda_module=cuda, log=lambda _m: None)
+    assert bundle.has_engines and bundle.monolithic.engine is not None
+    assert [s.engine.precision for s in bundle.segments] == ["int8+fp16"] * 4
+    assert [h.engine.precision for h in bundle.heads] == ["fp16"] * 4  # heads stay out of INT8
+    for f in bundle.files():
+        assert f.engine.file == f"{f.path.stem}.{f.engine.sha256[:8]}.engine"
+        assert f.engine.tensorrt_version == "10.3.0" and f.engine.gpu == "Fake GPU" and f.engine.max_batch == 8
+    # 5 INT8 files (4 segments + full), 10 images in batches of 8: one batch each
+    assert len(trt.calibrated) == 5 and cuda.contexts.count("push") == cuda.contexts.count("pop") == 5
+    seg2 = [c for c in cuda.copies if c[1].shape[1:] == load_bundle(bundle_dir).segments[2].inputs[0].static_shape]
+    assert seg2  # segment 2 calibrated on segment 1's features, not on images
+    old = {f.engine.file for f in bundle.files()}
+    # rebuilding (FP32) replaces every engine and removes the stale files
+    bundle = trtx.build_bundle_engines(bundle_dir, trt_module=make_fake_trt("10.3.0"), cuda_module=cuda, log=lambda _m: None)
+    new = {f.engine.file for f in bundle.files()}
+    assert not old & new and all(f.engine.precision == "fp32" for f in bundle.files())
+    assert {p.name for p in bundle_dir.glob("*.engine")} == new
+    assert not [p for p in bundle_dir.iterdir() if p.name.startswith(".")]
+    # interrupted midway: the bundle stays as it was, no new files
+    before = (bundle_dir / MANIFEST).read_text()
+    calls = {"n": 0}
+
+    def flaky(onnx_path, engine_path, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        engine_path.write_bytes(b"engine %d" % calls["n"])
+        return trtx.EngineBuild(engine_path, sha256_file(engine_path), "fp16", "10.3.0", "Fake GPU", 1, 1, 32)
+
+    with pytest.raises(KeyboardInterrupt):
+        trtx.build_bundle_engines(bundle_dir, fp16=True, build=flaky, log=lambda _m: None)
+    assert (bundle_dir / MANIFEST).read_text() == before
+    assert {p.name for p in bundle_dir.glob("*.engine")} == new and not list(bundle_dir.glob(".*"))
+    load_bundle(bundle_dir)
+    with pytest.raises(ValueError, match="calibration images"):
+        trtx.build_bundle_engines(bundle_dir, int8=True, build=flaky, log=lambda _m: None)
+
+
+def test_tensorrt_missing_is_one_line(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    ok, reason = trtx.tensorrt_available()
+    assert not ok and "TensorRT is not installed" in reason and "\n" not in reason
+    with pytest.raises(trtx.TensorRTMissing, match="not installed"):
+        trtx.build_bundle_engines(tiny_bundle, fp16=True, log=lambda _m: None)
+    assert load_bundle(tiny_bundle).has_engines is False
+    old = make_fake_trt("8.2.1")
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    ok, reason = trtx.tensorrt_available()
+    assert not ok and "older than 8.5" in reason
+
+
+def test_real_tensorrt_engines(tiny_bundle, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (Jetson or NVIDIA GPU machine only)")
+    bundle_dir = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    bundle = trtx.build_bundle_engines(bundle_dir, fp16=True, max_batch=8, log=lambda _m: None)
+    assert bundle.has_engines and all(f.engine.path.stat().st_size > 0 for f in bundle.files())
+
+
+def test_validation_inputs_fall_back_to_random(tmp_path):
+    from edgeexit.export.onnx_export import validation_inputs
+    from edgeexit.preprocess import Preprocess
+
+    lines = []
+    ckpt = {"split": {"data": str(tmp_path / "gone"), "seed": 0, "val_fraction": 0.2}}
+    x, source = validation_inputs(ckpt, Preprocess(3, 16, 16), ["a", "b"], 5, lines.append)
+    assert source == "random" and x.shape == (5, 3, 16, 16) and x.dtype == np.float32
+    assert len(lines) == 1 and "random" in lines[0]
