@@ -32,14 +32,14 @@ def gate_rows(report: dict) -> list[list]:
         aurocs = " / ".join("—" if a is None else f"{a:.3f}" for a in g["auroc"])
         rows.append([
             f"**{name}**" if name == report.get("winner") else name, g.get("family", ""),
-            pct(g["mean_cost"]), pct(g["accuracy"], 2), f"{100 * g['drop']:+.2f}" if g.get("drop") is not None else "—",
+            pct(g["mean_cost"]), pct(g["accuracy"], 2), f"{g['drop']:.2f}" if g.get("drop") is not None else "—",
             f"{g['mean_cost'] / oracle:.2f}" if g["mean_cost"] and oracle else "—",
             f"{g['auc']:.4f}" if g.get("auc") is not None else "—", aurocs,
         ])
     return rows
 
 
-GATE_HEADER = ["gate", "family", "mean cost % of plain net", "test acc %", "drop vs final (points)",
+GATE_HEADER = ["gate", "family", "mean cost % of plain net", "test acc %", "drop below final exit (points)",
                "cost / oracle", "acc-cost AUC", "failure AUROC per internal exit"]
 
 
