@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Early-exit CNN classifiers for edge cameras.")
 
 # Exceptions that mean "bad input or environment": printed as one line, exit code 2.
@@ -235,7 +235,7 @@ def run(
     save: Optional[Path] = typer.Option(None, "--save", help="Save annotated frames (label, exit, CAM overlay) here: "
                                         "PNGs for images, a video for video and camera inputs."),
     batch: int = typer.Option(1, "--batch", min=1, help="Frames per batch (samples that exit leave the batch)."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="Override the bundle's gate (needs --threshold): "
+    gate: Optional[str] = typer.Option(None, "--gate", help="Use another gate: its calibrated thresholds from the bundle, or --threshold: "
                                        "max_prob, margin, entropy_conf, sal_entropy, sal_spread, coh_cosine, "
                                        "coh_ssim, patience, learned."),
     threshold: Optional[str] = typer.Option(None, "--threshold", help="Override thresholds: one value for every "

@@ -227,23 +227,36 @@ class ExitPolicy:
         params = self.learned[i] if self.learned is not None else None
         return self.signs[i] * gate_score(self.gate, signals, patience, params)
 
-    def should_exit(
-        self, exit_index: int, signals: np.ndarray, patience: Optional[np.ndarray] = None
-    ) -> np.ndarray:
-        """bool (B,): whether each sample leaves at exit i: ``oriented_score >= thresholds[i]``; always True at the
-        last exit and where the threshold is ``-inf``; nan scores do not pass a finite threshold."""
-        b = np.asarray(signals).shape[0]
+    def raw_score(self, exit_index: int, signals: np.ndarray, patience: Optional[np.ndarray] = None) -> np.ndarray:
+        """``gate_score(gate, signals, patience, learned[i])``, float64 (B,), for internal exit i (not oriented)."""
+        i = self._check_internal(exit_index)
+        params = self.learned[i] if self.learned is not None else None
+        return gate_score(self.gate, signals, patience, params)
+
+    def passes(self, exit_index: int, raw: np.ndarray) -> np.ndarray:
+        """bool (B,): ``signs[i] * raw >= thresholds[i]`` for raw gate scores at exit i; always True at the last
+        exit and where the threshold is ``-inf``; nan scores do not pass a finite threshold."""
+        raw = np.asarray(raw)
         i = int(exit_index)
         if i == self.num_exits - 1:
-            return np.ones(b, dtype=bool)
+            return np.ones(raw.shape[0], dtype=bool)
         i = self._check_internal(i)
         thr = self.thresholds[i]
         if thr == -math.inf:
-            return np.ones(b, dtype=bool)
+            return np.ones(raw.shape[0], dtype=bool)
         if thr == math.inf:
-            return np.zeros(b, dtype=bool)
+            return np.zeros(raw.shape[0], dtype=bool)
         with np.errstate(invalid="ignore"):
-            return np.asarray(self.oriented_score(i, signals, patience) >= thr)
+            return np.asarray(self.signs[i] * raw >= thr)
+
+    def should_exit(
+        self, exit_index: int, signals: np.ndarray, patience: Optional[np.ndarray] = None
+    ) -> np.ndarray:
+        """bool (B,): whether each sample leaves at exit i: ``oriented_score >= thresholds[i]`` (see ``passes``)."""
+        i = int(exit_index)
+        if i == self.num_exits - 1:
+            return np.ones(np.asarray(signals).shape[0], dtype=bool)
+        return self.passes(i, self.raw_score(i, signals, patience))
 
     def decide(self, signals: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """Offline simulation: the exit each sample leaves at, int64 (B,).

@@ -822,3 +822,23 @@ def test_tensorrt_rebuild_uses_export_build_engine(bundle, monkeypatch, tmp_path
     name, kwargs = calls[0]
     assert kwargs["precision"] == "fp16" and kwargs["max_batch"] == 4 and kwargs["min_batch"] == 1
     assert sorted(backend.rebuilt) == sorted(c[0] for c in calls)
+
+
+def test_gate_override_uses_that_gates_calibrated_thresholds(tmp_path, tiny_ckpt):
+    """A calibrated bundle carries every gate's policy: --gate G runs G with its own calibrated thresholds."""
+    from edgeexit.calibrate import calibrate
+    from edgeexit.export import export_bundle
+    from edgeexit.policy import ExitPolicy
+    from edgeexit.runtime.backends import open_backend
+    from edgeexit.runtime.bundle import load_bundle
+    from edgeexit.runtime.chain import ExitRunner
+
+    ckpt = tmp_path / "cal.pt"
+    cal = calibrate(tiny_ckpt, out=ckpt, max_drop=5.0, log=lambda _m: None)
+    bundle_dir = export_bundle(ckpt, tmp_path / "bundle", log=lambda _m: None)
+    bundle = load_bundle(bundle_dir)
+    other = next(g for g in cal["gates"] if g != cal["winner"])
+    runner = ExitRunner(bundle, open_backend(bundle, kind="onnxruntime", providers="cpu"), gate=other)
+    expected = ExitPolicy.from_dict(cal["gates"][other]["policy"])
+    assert runner.policy.gate == other
+    assert [float(t) for t in runner.policy.thresholds] == [float(t) for t in expected.thresholds]

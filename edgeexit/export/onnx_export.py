@@ -93,6 +93,20 @@ def _resolve_policy(policy: Any, ckpt: Mapping[str, Any], num_exits: int, origin
     return pol, calibrated
 
 
+def _gate_policies(ckpt: Mapping[str, Any], chosen: ExitPolicy) -> Dict[str, Any]:
+    """Every calibrated gate's policy (same temperatures as the chosen one), so `edgeexit run --gate G` uses G's
+    calibrated thresholds without re-exporting."""
+    out: Dict[str, Any] = {}
+    for name, entry in ((ckpt.get("calibration") or {}).get("gates") or {}).items():
+        policy = entry.get("policy") if isinstance(entry, Mapping) else None
+        if policy is None:
+            continue
+        pol = ExitPolicy.from_dict(policy)
+        if pol.num_exits == chosen.num_exits and list(pol.temperatures) == list(chosen.temperatures):
+            out[name] = pol.to_dict()
+    return out
+
+
 def _prepare_target(out: Path, force: bool) -> None:
     if not out.exists() and not out.is_symlink():
         return
@@ -512,6 +526,7 @@ def export_bundle(
             "heads": head_entries,
             "monolithic": mono_entry,
             "policy": pol.to_dict(),
+            "gate_policies": _gate_policies(ckpt, pol) if calibrated else {},
             "calibrated": calibrated,
             "costs": {
                 "unit": "MACs", "cumulative_macs": list(costs.cumulative_macs), "reference_macs": costs.reference_macs,

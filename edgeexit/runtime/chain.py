@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -109,7 +109,8 @@ def _bundle_attr(bundle: Any, name: str, default: Any = None) -> Any:
 class ExitRunner:
     """Chains a backend's engines for one bundle with an exit policy (see the module docstring).
 
-    Overrides of the manifest policy: ``gate`` (switching gates needs ``threshold``), ``threshold`` (one value for
+    Overrides of the manifest policy: ``gate`` (the calibrated policy of that gate when the bundle has one, else it
+    needs ``threshold``), ``threshold`` (one value for
     every internal exit, or one per internal exit), ``max_exit`` (every sample reaching that exit leaves there),
     ``full`` (every segment, only the last head). ``keep_cam``: return each decision's CAM (for drawing).
     """
@@ -132,6 +133,9 @@ class ExitRunner:
             policy = ExitPolicy.from_dict(manifest["policy"])
         self.base_policy: ExitPolicy = policy
         thresholds = parse_thresholds(threshold) if isinstance(threshold, str) else threshold
+        calibrated = (manifest.get("gate_policies") or {}).get(gate) if gate not in (None, policy.gate) else None
+        if calibrated is not None and thresholds is None:  # that gate's own calibrated thresholds
+            policy, gate = ExitPolicy.from_dict(calibrated), None
         if gate is not None or thresholds is not None or max_exit is not None:
             policy = policy.override(gate=gate, thresholds=thresholds, max_exit=max_exit)
         self.policy: ExitPolicy = policy
@@ -315,12 +319,12 @@ class ExitRunner:
                 break
             bad = ~np.all(np.isfinite(sig), axis=1) | (cls < 0) | (cls >= len(self.classes))
             pat = next_patience(prev_pat, prev_cls, cls)
+            raw = None if self.full else self._gate_raw(i, sig, pat)  # computed once: decision and report
             if i == last:
                 leave = np.ones(alive.size, dtype=bool)
             else:
-                leave = np.asarray(self.policy.should_exit(i, sig, pat), dtype=bool)
+                leave = np.asarray(self.policy.passes(i, raw), dtype=bool)
             leave = leave | bad
-            raw = None if self.full else self._gate_raw(i, sig, pat)
             spent[alive] += (time.perf_counter() - t0) / alive.size
             reasons: Optional[List[Optional[str]]] = None
             if bad.any():
@@ -435,6 +439,27 @@ def demo_path(parts: Sequence[str]) -> Any:
     return ref
 
 
+def resolve_inputs(bundle_path: Optional[str], source_uri: Optional[str]) -> Tuple[str, str, bool]:
+    """(bundle, source, is_demo) as `run` and `profile` take them: the demo bundle and samples by default, and
+    `edgeexit run clip.mp4` (one argument that is a source) runs the demo bundle on that input."""
+    demo = False
+    if bundle_path is not None and source_uri is None and _looks_like_source(str(bundle_path)):
+        bundle_path, source_uri = None, str(bundle_path)
+    if bundle_path is None:
+        ref = demo_path(DEMO_BUNDLE)
+        if not ref.joinpath("manifest.json").is_file():
+            raise FileNotFoundError(f"the demo bundle is not installed (edgeexit/{'/'.join(DEMO_BUNDLE)} missing): "
+                                    "pass a BUNDLE directory")
+        bundle_path, demo = str(ref), True
+    if source_uri is None:
+        ref = demo_path(DEMO_SAMPLES)
+        if not ref.is_dir():
+            raise FileNotFoundError(f"the demo samples are not installed (edgeexit/{'/'.join(DEMO_SAMPLES)} missing): "
+                                    "pass a SOURCE (image, folder, video, camera)")
+        source_uri = str(ref)
+    return str(bundle_path), str(source_uri), demo
+
+
 def _looks_like_source(text: str) -> bool:
     """A positional argument that is clearly an input rather than a bundle directory."""
     from pathlib import Path  # noqa: PLC0415
@@ -516,20 +541,7 @@ def run_command(
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if max_frames is not None and max_frames < 0:
         raise ValueError(f"--max-frames must be >= 0, got {max_frames}")
-    if bundle_path is not None and source_uri is None and _looks_like_source(str(bundle_path)):
-        bundle_path, source_uri = None, str(bundle_path)  # `edgeexit run clip.mp4`: the demo bundle on that input
-    if bundle_path is None:
-        ref = demo_path(DEMO_BUNDLE)
-        if not ref.joinpath("manifest.json").is_file():
-            raise FileNotFoundError(f"the demo bundle is not installed (edgeexit/{'/'.join(DEMO_BUNDLE)} missing): "
-                                    "pass a BUNDLE directory")
-        bundle_path = str(ref)
-    if source_uri is None:
-        ref = demo_path(DEMO_SAMPLES)
-        if not ref.is_dir():
-            raise FileNotFoundError(f"the demo samples are not installed (edgeexit/{'/'.join(DEMO_SAMPLES)} missing): "
-                                    "pass a SOURCE (image, folder, video, camera)")
-        source_uri = str(ref)
+    bundle_path, source_uri, _demo = resolve_inputs(bundle_path, source_uri)
 
     bundle = load_bundle(bundle_path)
     engines = open_backend(bundle, backend, providers=providers, threads=threads, max_batch=max(batch, 1))

@@ -874,30 +874,9 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def _resolve_paths(bundle_path: Optional[str], source_uri: Optional[str]) -> Tuple[str, str, bool]:
     """Bundle and source as ``edgeexit run`` resolves them (the demo bundle / samples by default)."""
-    from .chain import DEMO_BUNDLE, DEMO_SAMPLES, demo_path  # noqa: PLC0415
+    from .chain import resolve_inputs  # noqa: PLC0415
 
-    try:
-        from .chain import _looks_like_source  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        def _looks_like_source(text: str) -> bool:
-            return "://" in text or text.isdigit() or text.startswith("/dev/video") or Path(text).is_file()
-
-    demo = False
-    if bundle_path is not None and source_uri is None and _looks_like_source(str(bundle_path)):
-        bundle_path, source_uri = None, str(bundle_path)
-    if bundle_path is None:
-        ref = demo_path(DEMO_BUNDLE)
-        if not ref.joinpath("manifest.json").is_file():
-            raise FileNotFoundError(f"the demo bundle is not installed (edgeexit/{'/'.join(DEMO_BUNDLE)} missing): "
-                                    "pass a BUNDLE directory")
-        bundle_path, demo = str(ref), True
-    if source_uri is None:
-        ref = demo_path(DEMO_SAMPLES)
-        if not ref.is_dir():
-            raise FileNotFoundError(f"the demo samples are not installed (edgeexit/{'/'.join(DEMO_SAMPLES)} missing): "
-                                    "pass a SOURCE (image, folder, video, camera)")
-        source_uri = str(ref)
-    return str(bundle_path), str(source_uri), demo
+    return resolve_inputs(bundle_path, source_uri)
 
 
 def _load_frames(source_uri: str, runner: Any, frames: int, warn: Callable[[str], None]

@@ -1,0 +1,52 @@
+"""Reproduce the demo bundle that ships in the package (what `edgeexit run` with no arguments runs).
+
+    python benchmarks/make_demo.py --cifar ../shared/data/cifar10 [--ckpt runs/cifar10-resnet20.pt]
+
+1. trains the README's CIFAR-10 recipe unless --ckpt already exists (about an hour on 2 CPU cores),
+2. calibrates it on the held-out part of train/ (at most 1 point below the final exit),
+3. exports it to edgeexit/assets/demo/bundle (checked against torch),
+4. copies --per-class images of every class from test/ to edgeexit/assets/demo/samples/<class>/.
+Each step is the documented command line, so the demo is exactly what a user gets from the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "edgeexit" / "assets" / "demo"
+RECIPE = ["--arch", "resnet20", "--epochs", "30", "--distill", "0.5"]
+
+
+def edgeexit(*args: str) -> None:
+    cmd = [sys.executable, "-m", "edgeexit.cli", *args]
+    print("$ edgeexit " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
+    parser.add_argument("--ckpt", type=Path, default=ROOT / "runs" / "cifar10-resnet20.pt")
+    parser.add_argument("--per-class", type=int, default=4)
+    args = parser.parse_args()
+    if not args.ckpt.exists():
+        edgeexit("train", "--data", str(args.cifar / "train"), *RECIPE, "--out", str(args.ckpt))
+    calibrated = args.ckpt.with_name(args.ckpt.stem + "-calibrated.pt")
+    edgeexit("calibrate", str(args.ckpt), "--max-drop", "1.0", "--out", str(calibrated), "--quiet")
+    edgeexit("export", str(calibrated), "--out", str(DEMO / "bundle"), "--force")
+    samples = DEMO / "samples"
+    shutil.rmtree(samples, ignore_errors=True)
+    for class_dir in sorted(p for p in (args.cifar / "test").iterdir() if p.is_dir()):
+        (samples / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[: args.per_class]:
+            shutil.copy(image, samples / class_dir.name / image.name)
+    print(f"demo bundle in {DEMO / 'bundle'}, {args.per_class} samples per class in {samples}")
+
+
+if __name__ == "__main__":
+    main()
