@@ -144,7 +144,10 @@ def load_costs(path: Path | str, num_exits: int, metric: Optional[str] = None) -
     if metric == file_metric and "segments" in data and "heads" in data:
         seg, heads = data["segments"], data["heads"]
     else:
-        measured = (data.get("measured") or {}).get(metric)
+        measured_all = data.get("measured") or {}
+        if not isinstance(measured_all, dict):
+            raise ValueError(f"{path}: 'measured' must be an object, got {type(measured_all).__name__}")
+        measured = measured_all.get(metric)
         if not isinstance(measured, dict) or "segments" not in measured or "heads" not in measured:
             raise ValueError(f"{path} has no measured {metric} (segments and heads); profile with that meter "
                              f"or drop --cost-metric")

@@ -266,6 +266,9 @@ def calibration_images(ckpt: dict, data: Optional[Path | str] = None, progress: 
     preprocess = Preprocess.from_dict(ckpt["preprocess"])
     paths = [folder.paths[i] for i in val_idx]
     labels = [folder.labels[i] for i in val_idx]
+    from .train import check_split
+
+    check_split(split, folder.root, paths, "the checkpoint")
     with progress_bar(progress and len(paths) > 500, "decoding calibration images", len(paths)) as bar:
         images = decode_images(paths, labels, preprocess, square=False, progress=bar.update)
     if len(images) == 0:

@@ -137,6 +137,23 @@ def exit_accuracies(model: MultiExitNet, images: np.ndarray, labels: np.ndarray,
 # ----------------------------------------------------------------------------------------------- set-up
 
 
+def split_fingerprint(root: Path | str, val_paths: Sequence[Path]) -> str:
+    """SHA-256 of the held-out files' paths relative to the training folder: pins the calibration split."""
+    import hashlib
+
+    names = sorted(str(Path(p).relative_to(root)) for p in val_paths)
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def check_split(split: dict, root: Path | str, val_paths: Sequence[Path], where: str) -> None:
+    """Refuse a held-out split that differs from the one recorded at training (files added, removed or another
+    folder): calibrating on images the model trained on would overstate every gate."""
+    recorded = split.get("val_files_sha256")
+    if recorded and recorded != split_fingerprint(root, val_paths):
+        raise ValueError(f"the held-out split of {root} differs from the one {where} was trained with "
+                         "(files were added, removed or renamed, or this is another folder)")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,10 +290,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     folder, train_idx, val_idx = load_split(cfg.data, cfg.val_fraction, cfg.seed, classes)
     train_idx = _subset(train_idx, folder.labels, cfg.limit, cfg.seed)
     val_idx = _subset(val_idx, folder.labels, None if cfg.limit is None else max(100, cfg.limit // 5), cfg.seed)
+    if resume_state:
+        check_split(resume_state.get("split") or {}, folder.root, [folder.paths[i] for i in val_idx], cfg.out)
     input_size = int(resume_state["config"]["input_size"]) if resume_state else (cfg.input_size or _infer_input_size(folder.paths))
 
     t0 = time.perf_counter()
-    probe = Preprocess(cfg.channels, cfg.resize or input_size, input_size, (0.0,) * cfg.channels, (1.0,) * cfg.channels)
+    if resume_state:  # decode at the checkpoint's scale and channel count, whatever the command line says
+        saved_pre = Preprocess.from_dict(resume_state["preprocess"])
+        probe = Preprocess(saved_pre.channels, saved_pre.resize, saved_pre.crop, (0.0,) * saved_pre.channels,
+                           (1.0,) * saved_pre.channels)
+    else:
+        probe = Preprocess(cfg.channels, cfg.resize or input_size, input_size, (0.0,) * cfg.channels, (1.0,) * cfg.channels)
     train_set = decode_images([folder.paths[i] for i in train_idx], [folder.labels[i] for i in train_idx], probe, square=True)
     preprocess = Preprocess.from_dict(resume_state["preprocess"]) if resume_state else _preprocess_for(cfg, train_set.images, input_size)
     val_set = decode_images([folder.paths[i] for i in val_idx], [folder.labels[i] for i in val_idx], preprocess, square=False)
@@ -314,7 +338,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     augment = Augment(preprocess)
-    per_rank = max(1, cfg.batch_size // world)
+    per_rank = max(1, min(cfg.batch_size // world, len(train_set) // world))  # a data set smaller than a batch
     steps_per_epoch = max(1, len(train_set) // (per_rank * world))
     total_steps, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     images = torch.from_numpy(train_set.images)
@@ -361,11 +385,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
                 "config": model.config, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "classes": list(folder.classes), "preprocess": preprocess.to_dict(),
                 "split": {"data": str(Path(cfg.data).resolve()), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                          "num_train": len(train_set), "num_val": len(val_set), "limit": cfg.limit},
+                          "num_train": len(train_set), "num_val": len(val_set), "limit": cfg.limit,
+                          "val_files_sha256": split_fingerprint(folder.root, [folder.paths[i] for i in val_idx])},
                 "costs": costs.to_dict(), "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
                 "history": history, "train_config": {**asdict(cfg), "epochs": cfg.epochs},
                 "versions": {"edgeexit": __version__, "torch": str(torch.__version__)},
-                "policy": (resume_state or {}).get("policy"),
+                "policy": None,  # weights changed: any earlier calibration no longer applies
             }
             save_checkpoint(cfg.out, checkpoint)
     if world > 1:

@@ -44,6 +44,7 @@ def test_sdn_schedule_ramps_internal_weights():
     assert exit_weights(fractions, 0, 10, "constant") == pytest.approx([0.15, 0.5, 1.0])
 
 
+@pytest.mark.slow
 def test_short_cifar_run_lowers_every_exit_loss(cifar_root, tmp_path):
     cfg = _cfg(cifar_root / "train", tmp_path / "m.pt", input_size=32, limit=400, epochs=4, batch_size=32, lr=0.05,
                val_fraction=0.1, distill=0.3)
@@ -173,3 +174,27 @@ def test_large_inputs_train_on_cpu(tmp_path):
     ckpt = train(_cfg(data, tmp_path / "m.pt", input_size=96, epochs=1, batch_size=8, val_fraction=0.25),
                  log=lambda _m: None, progress=False)
     assert ckpt["epoch"] == 1
+
+
+def test_tiny_data_set_smaller_than_a_batch_trains(tmp_path):
+    data = write_folder(tmp_path / "data", per_class=3)
+    ckpt = train(_cfg(data, tmp_path / "m.pt", epochs=1, batch_size=128, val_fraction=0.34), log=lambda _m: None,
+                 progress=False)
+    assert ckpt["epoch"] == 1
+
+
+def test_resume_refuses_a_changed_split_and_drops_calibration(tmp_path, monkeypatch):
+    data = write_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "m.pt"
+    train(_cfg(data, out, epochs=1), log=lambda _m: None, progress=False)
+    ckpt = load_checkpoint(out)
+    assert len(ckpt["split"]["val_files_sha256"]) == 64
+    from edgeexit.checkpoint import save_checkpoint
+
+    ckpt["policy"] = {"gate": "max_prob"}  # pretend it was calibrated
+    save_checkpoint(out, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    resumed = train(_cfg(data, out, epochs=2, resume=True), log=lambda _m: None, progress=False)
+    assert resumed["policy"] is None  # new weights: the old thresholds no longer apply
+    write_folder(tmp_path / "data", per_class=12, seed=5)  # more files: another split
+    with pytest.raises(ValueError, match="held-out split"):
+        train(_cfg(data, out, epochs=3, resume=True), log=lambda _m: None, progress=False)

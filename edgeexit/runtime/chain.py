@@ -310,7 +310,6 @@ class ExitRunner:
                 cls = np.asarray(backend.to_host(hout["class"])).astype(np.int64).reshape(-1)
                 sig = np.asarray(backend.to_host(hout["signals"]), dtype=np.float32)
                 cam_dev = hout["cam"]
-                cams = backend.to_host(cam_dev) if self.keep_cam else None
                 if self._signal_order is not None:
                     sig = sig[:, self._signal_order]
             except Exception as exc:  # noqa: BLE001
@@ -325,6 +324,7 @@ class ExitRunner:
             else:
                 leave = np.asarray(self.policy.passes(i, raw), dtype=bool)
             leave = leave | bad
+            cams = backend.to_host(cam_dev) if self.keep_cam and leave.any() else None  # only when drawn
             spent[alive] += (time.perf_counter() - t0) / alive.size
             reasons: Optional[List[Optional[str]]] = None
             if bad.any():

@@ -1,0 +1,28 @@
+"""The main job: `edgeexit run` with no arguments runs the shipped demo bundle over the shipped samples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from edgeexit.runtime.bundle import load_bundle
+from edgeexit.runtime.chain import DEMO_BUNDLE, DEMO_SAMPLES, demo_path
+
+
+def test_demo_bundle_is_valid_and_calibrated():
+    bundle = load_bundle(demo_path(DEMO_BUNDLE))  # schema, checksums, paths inside the bundle
+    manifest = json.loads(demo_path(DEMO_BUNDLE).joinpath("manifest.json").read_text())
+    assert manifest["calibrated"] is True and len(bundle.classes) == 10
+    assert set(manifest["gate_policies"]) >= {"max_prob", "sal_entropy", "coh_cosine", "learned"}
+    samples = [p for p in demo_path(DEMO_SAMPLES).rglob("*.png")]
+    assert len(samples) >= 24
+
+
+def test_run_without_arguments_runs_the_demo():
+    r = subprocess.run([sys.executable, "-m", "edgeexit.cli", "run"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    n = len([p for p in demo_path(DEMO_SAMPLES).rglob("*.png")])
+    assert len(lines) == n and all({"frame", "label", "exit", "latency_ms", "correct"} <= set(line) for line in lines)
+    assert "accuracy" in r.stderr.lower() and "p95" in r.stderr.lower()
