@@ -141,6 +141,10 @@ class ExitRunner:
         self.policy: ExitPolicy = policy
         self.full = bool(full)
         self.keep_cam = bool(keep_cam)
+        # learned-gate weights as arrays once, not per batch (the per-frame path only does arithmetic)
+        self._learned = None if policy.learned is None else [
+            {k: (np.asarray(v, dtype=np.float64) if isinstance(v, (list, tuple)) else v) for k, v in params.items()}
+            for params in policy.learned]
         self.num_exits = backend.num_exits
         if self.policy.num_exits != self.num_exits:
             raise ValueError(f"the policy has {self.policy.num_exits} exits, the backend {self.num_exits}")
@@ -234,9 +238,9 @@ class ExitRunner:
         gate = self.policy.gate
         params = None
         if gate == "learned":
-            if self.policy.learned is None or i >= len(self.policy.learned):
+            if self._learned is None or i >= len(self._learned):
                 return None
-            params = self.policy.learned[i]
+            params = self._learned[i]
         return gate_score(gate, signals, patience, params)
 
     def _run(self, x: np.ndarray) -> List[Decision]:

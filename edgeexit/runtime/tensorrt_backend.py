@@ -473,9 +473,18 @@ class TensorRTBackend(Backend):
 
     # -- device values -----------------------------------------------------------------------------------------
 
+    def _pinned(self, size: int, dtype: Any) -> np.ndarray:
+        """A reused page-locked staging buffer of at least ``size`` elements (cudaHostAlloc is slow: never per frame)."""
+        cache = self.__dict__.setdefault("_pinned_cache", {})
+        key = np.dtype(dtype).str
+        buf = cache.get(key)
+        if buf is None or buf.size < size:
+            buf = cache[key] = self._cuda.pagelocked_empty(max(int(size), 1), dtype)
+        return buf[:size]
+
     def to_host(self, value: Any) -> np.ndarray:
         if isinstance(value, DeviceArray):
-            out = self._cuda.pagelocked_empty(volume(value.shape), value.dtype)
+            out = self._pinned(volume(value.shape), value.dtype)
             self._cuda.memcpy_dtoh_async(out, value.ptr, self._stream)
             self._stream.synchronize()
             return np.array(out.reshape(value.shape))
@@ -490,7 +499,7 @@ class TensorRTBackend(Backend):
         if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= value.shape[0]):
             # not an in-place compaction: go through the host
             host = self.to_host(value)[rows]
-            staging = self._cuda.pagelocked_empty(host.size, value.dtype)
+            staging = self._pinned(host.size, value.dtype)
             staging[...] = host.reshape(-1)
             self._cuda.memcpy_htod_async(value.ptr, staging, self._stream)
             self._stream.synchronize()
