@@ -385,6 +385,10 @@ def _print_exit_table(ckpt: dict) -> None:
 
 
 def main() -> None:
+    import os
+
+    if not sys.stdout.isatty():  # piped or logged: rich would wrap tables at 80 columns and truncate them
+        os.environ.setdefault("COLUMNS", "160")
     app()
 
 
