@@ -145,6 +145,8 @@ def test_cli_errors_are_one_line(tmp_path, tiny_folder):
     assert r.stderr.strip().count("\n") == 0 and "nowhere" in r.stderr
     r = _cli("train", "--data", str(tiny_folder), "--out", str(tmp_path / "m.pt"), "--exits", "2,x")
     assert r.returncode == 2 and "--exits" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("edgeexit ")
     r = _cli("train", "--help")
     for option in ("--exit-fractions", "--mode", "--distill", "--init-weights", "--resume", "--seed", "--val-fraction"):
         assert option in r.stdout
