@@ -19,6 +19,7 @@ Only numpy and the standard library are imported here: this module runs on camer
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -27,6 +28,10 @@ import numpy as np
 __all__ = [
     "SIGNAL_NAMES",
     "GATE_NAMES",
+    "GateSpec",
+    "GATES",
+    "gate_spec",
+    "signals_for",
     "FEATURE_NAMES",
     "SSIM_C1",
     "SSIM_C2",
@@ -62,11 +67,64 @@ SIGNAL_NAMES: Tuple[str, ...] = (
 )
 """The 7 per-exit signals, in the column order of ``exit_signals`` and of the head graph's ``signals`` output."""
 
-GATE_NAMES: Tuple[str, ...] = SIGNAL_NAMES + ("patience", "learned")
-"""Every gate an ``ExitPolicy`` can use: each signal, PABEE ``patience`` and the per-exit ``learned`` logistic gate."""
-
 FEATURE_NAMES: Tuple[str, ...] = SIGNAL_NAMES + ("patience",)
 """Inputs of the learned gate, in column order of ``gate_features``."""
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What one exit gate is and what it reads.
+
+    ``signals``: the head signals the gate's score is computed from (``SIGNAL_NAMES`` order), so an exported
+    head computes only those; ``needs_cam``: the head must compute this exit's CAM; ``needs_prev_cam``: it must
+    also receive the previous kept exit's CAM; ``needs_patience``: the runtime counts agreeing exits.
+    """
+
+    name: str
+    family: str  # softmax, saliency, coherence, agreement, learned
+    label: str  # short column label for tables and plots
+    description: str
+    signals: Tuple[str, ...]
+    needs_cam: bool = False
+    needs_prev_cam: bool = False
+    needs_patience: bool = False
+
+
+GATES: "Mapping[str, GateSpec]" = {g.name: g for g in (
+    GateSpec("max_prob", "softmax", "maxp", "largest softmax probability", ("max_prob",)),
+    GateSpec("margin", "softmax", "margin", "top-1 minus top-2 softmax probability", ("margin",)),
+    GateSpec("entropy_conf", "softmax", "1-H", "1 - softmax entropy / log C", ("entropy_conf",)),
+    GateSpec("sal_entropy", "saliency", "salH", "spatial entropy of the CAM", ("sal_entropy",), needs_cam=True),
+    GateSpec("sal_spread", "saliency", "spread", "squared radius of gyration of the CAM", ("sal_spread",),
+             needs_cam=True),
+    GateSpec("coh_cosine", "coherence", "cos", "cosine of this and the previous exit's CAM", ("coh_cosine",),
+             needs_cam=True, needs_prev_cam=True),
+    GateSpec("coh_ssim", "coherence", "ssim", "SSIM of this and the previous exit's CAM", ("coh_ssim",),
+             needs_cam=True, needs_prev_cam=True),
+    GateSpec("patience", "agreement", "pat", "consecutive exits agreeing on the class (PABEE)", (),
+             needs_patience=True),
+    GateSpec("learned", "learned", "learned", "logistic regression over every signal and patience", SIGNAL_NAMES,
+             needs_cam=True, needs_prev_cam=True, needs_patience=True),
+)}
+"""The one registry of exit gates: CLI help, calibration, plots, explain, the manifest schema, the export (which
+signals a head computes) and the runtime all read it."""
+
+GATE_NAMES: Tuple[str, ...] = tuple(GATES)
+"""Every gate an ``ExitPolicy`` can use: each signal, PABEE ``patience`` and the per-exit ``learned`` logistic gate."""
+
+
+def gate_spec(name: str) -> GateSpec:
+    """The registry entry of ``name``; ValueError naming the known gates otherwise."""
+    try:
+        return GATES[name]
+    except KeyError:
+        raise ValueError(f"unknown gate {name!r}; expected one of {', '.join(GATE_NAMES)}") from None
+
+
+def signals_for(gate_names: Sequence[str]) -> Tuple[str, ...]:
+    """The head signals (``SIGNAL_NAMES`` order) that the named gates read together."""
+    wanted = {s for g in gate_names for s in gate_spec(g).signals}
+    return tuple(s for s in SIGNAL_NAMES if s in wanted)
 
 SSIM_C1: float = 0.01**2
 SSIM_C2: float = 0.03**2
@@ -397,31 +455,39 @@ def gate_score(
     signals: np.ndarray,
     patience: Optional[np.ndarray] = None,
     learned_params: Optional[Mapping[str, object]] = None,
+    columns: Sequence[str] = SIGNAL_NAMES,
 ) -> np.ndarray:
     """Raw (not yet sign-oriented) score of ``gate`` at one exit, float64 (B,).
 
-    - a signal name: that column of ``signals`` (B, 7);
+    ``signals`` (B, len(columns)) holds the signals named by ``columns`` (all 7 by default; an exported head of
+    a bundle computes only its gate's, ``GATES[gate].signals``).
+
+    - a signal name: that column;
     - ``"patience"``: ``patience`` (B,) as float;
     - ``"learned"``: ``logistic_score(gate_features(signals, patience), learned_params)``, a probability that
-      the exit is right (needs both ``patience`` and ``learned_params``).
+      the exit is right (needs all 7 signals, ``patience`` and ``learned_params``).
     """
-    s = _as_signals(signals)
+    spec = gate_spec(gate)
+    s = np.asarray(signals, dtype=np.float64)
+    columns = tuple(columns)
+    if s.ndim != 2 or s.shape[1] != len(columns):
+        raise ValueError(f"signals must be (B, {len(columns)}) for columns {list(columns)}, got shape {s.shape}")
     if gate in SIGNAL_NAMES:
-        return s[:, SIGNAL_NAMES.index(gate)].copy()
+        if gate not in columns:
+            raise ValueError(f"gate {gate!r} needs the {gate} signal, the head computes {list(columns) or 'none'}")
+        return s[:, columns.index(gate)].copy()
+    if spec.needs_patience and patience is None:
+        raise ValueError(f"the {gate} gate needs patience counts")
     if gate == "patience":
-        if patience is None:
-            raise ValueError("the patience gate needs patience counts")
         pat = np.asarray(patience, dtype=np.float64).reshape(-1)
         if pat.shape[0] != s.shape[0]:
             raise ValueError(f"signals and patience batch sizes differ: {s.shape[0]} vs {pat.shape[0]}")
         return pat
-    if gate == "learned":
-        if learned_params is None:
-            raise ValueError("the learned gate needs learned_params (from fit_logistic)")
-        if patience is None:
-            raise ValueError("the learned gate needs patience counts")
-        return logistic_score(gate_features(s, patience), learned_params)
-    raise ValueError(f"unknown gate {gate!r}; expected one of {', '.join(GATE_NAMES)}")
+    if learned_params is None:
+        raise ValueError("the learned gate needs learned_params (from fit_logistic)")
+    if columns != SIGNAL_NAMES:
+        s = s[:, [columns.index(n) for n in SIGNAL_NAMES]]
+    return logistic_score(gate_features(s, patience), learned_params)
 
 
 # ----------------------------------------------------------------------------------------------------------------

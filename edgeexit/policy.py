@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .gates import FEATURE_NAMES, GATE_NAMES, SIGNAL_NAMES, gate_score, patience_counts
+from .stages import kept_exits, normalize_exits
 
 __all__ = ["ExitPolicy"]
 
@@ -47,21 +48,28 @@ class ExitPolicy:
     - ``signs``: E - 1 orientations, each +1 or -1;
     - ``temperatures``: E softmax temperatures (> 0), used by the head graph when computing the signals;
     - ``learned``: None, or E - 1 ``fit_logistic`` param dicts over ``gates.FEATURE_NAMES`` (required when
-      ``gate == "learned"``; kept when another gate is selected so that it can be switched back).
+      ``gate == "learned"``; kept when another gate is selected so that it can be switched back; None at exits
+      that are not kept);
+    - ``exits``: the kept internal exits (``edgeexit.stages``), sorted; None keeps all of them. An exit that is
+      not kept has threshold ``+inf``. Patience, the coherence signals and the learned gate then refer to the
+      previous *kept* exit, as the deployed chain computes them.
     """
 
     gate: str
     thresholds: List[float]
     signs: List[float]
     temperatures: List[float]
-    learned: Optional[List[Dict[str, Any]]] = None
+    learned: Optional[List[Optional[Dict[str, Any]]]] = None
+    exits: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
         self.thresholds = _float_list("thresholds", self.thresholds)
         self.signs = _float_list("signs", self.signs)
         self.temperatures = _float_list("temperatures", self.temperatures)
         if self.learned is not None:
-            self.learned = [dict(p) for p in self.learned]
+            self.learned = [None if p is None else dict(p) for p in self.learned]
+        if self.exits is not None:
+            self.exits = list(normalize_exits(self.exits, len(self.temperatures)))
         self.validate()
 
     # -- validation ---------------------------------------------------------------------------------------------
@@ -90,6 +98,10 @@ class ExitPolicy:
                 raise ValueError(f"learned must have E - 1 = {e - 1} param dicts, got {len(self.learned)}")
             d = len(FEATURE_NAMES)
             for i, p in enumerate(self.learned):
+                if p is None:
+                    if i in self.kept_internal:
+                        raise ValueError(f"learned[{i}] is missing for kept exit {i}")
+                    continue
                 missing = [k for k in _LEARNED_KEYS if k not in p]
                 if missing:
                     raise ValueError(f"learned[{i}] lacks {', '.join(missing)}")
@@ -98,12 +110,25 @@ class ExitPolicy:
                         raise ValueError(f"learned[{i}][{k!r}] must have {d} entries ({FEATURE_NAMES}), got {len(p[k])}")
         if self.gate == "learned" and self.learned is None and e > 1:
             raise ValueError("gate 'learned' needs learned params (one fit_logistic dict per internal exit)")
+        dropped = [i for i in range(e - 1) if i not in self.kept_internal and self.thresholds[i] != math.inf]
+        if dropped:
+            raise ValueError(f"exit {dropped[0]} is not kept (exits {self.exits}) so its threshold must be inf")
 
     # -- construction -------------------------------------------------------------------------------------------
     @property
     def num_exits(self) -> int:
         """E, the number of exits (= len(temperatures))."""
         return len(self.temperatures)
+
+    @property
+    def kept_internal(self) -> tuple:
+        """The kept internal exits (every internal exit when ``exits`` is None)."""
+        return normalize_exits(self.exits, self.num_exits)
+
+    @property
+    def kept(self) -> tuple:
+        """The kept internal exits and the last exit: where the deployed chain's stages end."""
+        return kept_exits(self.exits, self.num_exits)
 
     @classmethod
     def default(
@@ -162,7 +187,13 @@ class ExitPolicy:
             if not 0 <= m <= e - 1:
                 raise ValueError(f"max_exit must be in [0, {e - 1}], got {max_exit}")
             if m < e - 1:
+                if m not in self.kept_internal:
+                    raise ValueError(f"exit {m} is not kept in this policy: choose one of "
+                                     f"{', '.join(map(str, self.kept))}")
                 new_thr[m] = -math.inf
+        for i in range(e - 1):
+            if i not in self.kept_internal:
+                new_thr[i] = math.inf  # a dropped exit has no stage: nothing can leave there
         return replace(self, gate=new_gate, thresholds=new_thr, signs=signs)
 
     # -- serialisation ------------------------------------------------------------------------------------------
@@ -177,7 +208,7 @@ class ExitPolicy:
             "learned": None
             if self.learned is None
             else [
-                {
+                None if p is None else {
                     "mean": [float(v) for v in p["mean"]],
                     "std": [float(v) for v in p["std"]],
                     "weights": [float(v) for v in p["weights"]],
@@ -185,6 +216,7 @@ class ExitPolicy:
                 }
                 for p in self.learned
             ],
+            "exits": None if self.exits is None else [int(k) for k in self.exits],
         }
 
     @classmethod
@@ -202,14 +234,18 @@ class ExitPolicy:
         if learned is not None:
             learned = list(learned)
             for i, p in enumerate(learned):
-                if not isinstance(p, Mapping):
-                    raise ValueError(f"learned[{i}] must be a dict")
+                if p is not None and not isinstance(p, Mapping):
+                    raise ValueError(f"learned[{i}] must be a dict or null")
+        exits = data.get("exits")
+        if exits is not None and (isinstance(exits, (str, bytes, Mapping)) or not hasattr(exits, "__iter__")):
+            raise ValueError("exits must be null or a list of exit indices")
         return cls(
             gate=str(data["gate"]),
             thresholds=data["thresholds"],
             signs=data["signs"],
             temperatures=data["temperatures"],
             learned=learned,
+            exits=None if exits is None else [int(k) for k in exits],
         )
 
     # -- decisions ----------------------------------------------------------------------------------------------
@@ -261,8 +297,9 @@ class ExitPolicy:
     def decide(self, signals: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """Offline simulation: the exit each sample leaves at, int64 (B,).
 
-        ``signals`` (B, E, 7) are every exit's signals, ``classes`` (B, E) every exit's predicted class (for
-        patience, ``gates.patience_counts``). A sample leaves at the first exit whose gate passes (the last exit
+        ``signals`` (B, E, 7) are every exit's signals (the coherence signals against the previous *kept* exit),
+        ``classes`` (B, E) every exit's predicted class (for patience over the kept exits, ``gates.patience_counts``).
+        Exits that are not kept are skipped. A sample leaves at the first exit whose gate passes (the last exit
         if none does).
         """
         s = np.asarray(signals, dtype=np.float64)
@@ -272,10 +309,12 @@ class ExitPolicy:
             raise ValueError(f"signals must be (B, {e}, {len(SIGNAL_NAMES)}), got shape {s.shape}")
         if c.shape != s.shape[:2]:
             raise ValueError(f"classes must be (B, {e}), got shape {c.shape}")
-        pat = patience_counts(c)
+        kept = list(self.kept)
+        pat = np.zeros(c.shape, dtype=np.int64)
+        pat[:, kept] = patience_counts(c[:, kept])  # agreement between consecutive *kept* exits
         out = np.full(s.shape[0], e - 1, dtype=np.int64)
         undecided = np.ones(s.shape[0], dtype=bool)
-        for i in range(e - 1):
+        for i in self.kept_internal:
             if not undecided.any():
                 break
             go = self.should_exit(i, s[:, i, :], pat[:, i]) & undecided
