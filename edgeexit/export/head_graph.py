@@ -171,6 +171,42 @@ class SignalGraph(nn.Module):
         return probs, signals
 
 
+    def selected(self, logits: torch.Tensor, cam: Optional[torch.Tensor], prev_cam: Optional[torch.Tensor],
+                 names: Sequence[str]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(confidence (B,), signals (B, len(names)) or None)``: only the named signals are computed, so a
+        deployed stage carries the few nodes its gate reads (a margin-only head is ~15 ONNX nodes, all seven
+        ~200). Values equal the same columns of ``forward``."""
+        z = logits.float() / self.temperature
+        probs = torch.softmax(z, dim=1)
+        max_prob = torch.amax(probs, dim=1)
+        if not names:
+            return max_prob, None
+        cols = {"max_prob": max_prob}
+        if "margin" in names:
+            if self.num_classes == 1:
+                cols["margin"] = torch.ones_like(max_prob)
+            else:
+                top2 = torch.topk(probs, 2, dim=1).values
+                cols["margin"] = top2[:, 0] - top2[:, 1]
+        if "entropy_conf" in names:
+            cols["entropy_conf"] = self.softmax_signals(logits)[3]
+        if any(n in names for n in ("sal_entropy", "sal_spread", "coh_cosine", "coh_ssim")):
+            p = self.distribution(cam.float(), self.cam_hw)
+            if "sal_entropy" in names:
+                cols["sal_entropy"] = self.spatial_entropy(p)
+            if "sal_spread" in names:
+                cols["sal_spread"] = self.spatial_spread(p)
+            if "coh_cosine" in names or "coh_ssim" in names:
+                if self.prev_hw is None:
+                    cols["coh_cosine"] = cols["coh_ssim"] = torch.zeros_like(max_prob)
+                else:
+                    pa = self._to_grid(p, "a")
+                    pb = self._to_grid(self.distribution(prev_cam.float(), self.prev_hw), "b")
+                    cols["coh_cosine"] = self.cosine(pa, pb)
+                    cols["coh_ssim"] = self.ssim(pa, pb)
+        return max_prob, torch.stack([cols[n] for n in names], dim=1)
+
+
 class HeadGraph(nn.Module):
     """The graph of ``head_i.onnx``: ``(features[, prev_cam]) -> (logits, probs, class, cam, signals)``.
 

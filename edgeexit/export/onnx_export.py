@@ -1,16 +1,16 @@
-"""``edgeexit export``: a multi-exit model -> a bundle of per-segment and per-exit ONNX files with a manifest.
+"""``edgeexit export``: a multi-exit model -> a bundle of stage graphs (one per kept exit, per exported gate), CAM
+graphs, the monolithic ``full.onnx`` and a manifest.
 
 The bundle is written into a temporary sibling directory and renamed into place only when every file is
 written, checked and hashed, so an interrupted export never leaves something ``load_bundle`` accepts at the
 target path. Checks (on by default): ``onnx.checker`` on every file, then ONNX Runtime against torch on sample
 inputs (held-out validation images when the checkpoint knows its data, else random tensors):
 
-- per file, fed torch's own inputs: head logits / probs / cam / signals and full-model logits within 1e-4
-  absolute (logits and CAMs larger than 100 in magnitude: 1e-6 relative), segment features within 1e-4 of their
-  largest magnitude;
-- chained like the device runs it (ONNX Runtime outputs feed the next file): the exit each sample takes under the
-  policy and its class equal the torch model's (torch logits and CAMs -> ``gates.exit_signals`` ->
-  ``ExitPolicy.decide``), except samples whose gate score lies within the tolerance of a threshold.
+- per file, fed torch's own inputs: stage features, class, confidence, gate signals and CAM, CAM graphs and
+  full-model logits within 1e-4 absolute (logits and CAMs larger than 100 in magnitude: 1e-6 relative);
+- the runtime itself (``StageRunner`` on ONNX Runtime, batch 1 and batch 32): the exit each sample takes and its
+  class equal the torch model's under the policy (torch logits and CAMs -> ``gates.exit_signals`` against the
+  previous kept exit -> ``ExitPolicy.decide``), except samples within the tolerance of a threshold or a tie.
 """
 
 from __future__ import annotations
@@ -30,16 +30,20 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..gates import SIGNAL_NAMES, exit_signals, patience_counts, softmax
+from ..errors import EdgeexitError
+from ..gates import SIGNAL_NAMES, exit_signals, gate_spec, patience_counts, softmax
 from ..policy import ExitPolicy
 from ..preprocess import Preprocess
 from ..runtime.bundle import (
-    MANIFEST, SCHEMA_VERSION, BundleError, is_bundle_dir, json_ready, sha256_file, validate_manifest, write_manifest,
+    MANIFEST, SCHEMA_VERSION, BundleError, is_bundle_dir, json_ready, sha256_file, stage_io, validate_manifest,
+    write_manifest,
 )
-from .head_graph import HEAD_OUTPUTS, FullGraph, HeadGraph
+from ..stages import stage_ranges
+from .head_graph import FullGraph
+from .stage_graph import CamGraph, StageGraph
 
 __all__ = ["export_bundle", "ExportError", "ExportCheckError", "TOLERANCE", "DEFAULT_SAMPLES", "MIN_OPSET",
-           "check_bundle_parity", "validation_inputs"]
+           "check_pipeline_parity", "check_monolithic", "torch_reference", "validation_inputs"]
 
 TOLERANCE = 1e-4
 DEFAULT_SAMPLES = 64
@@ -50,7 +54,7 @@ _ABS_UP_TO = 100.0  # logits and CAMs: absolute tolerance while |values| <= 100,
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
 
 
-class ExportError(ValueError):
+class ExportError(EdgeexitError, ValueError):
     """An export that cannot be done as asked (target exists, model and policy disagree, ...). One line."""
 
 
@@ -263,121 +267,145 @@ def _gate_tolerance(policy: ExitPolicy, i: int, tol: float) -> float:
     return 0.25 * lips * tol
 
 
-def check_bundle_parity(model: nn.Module, bundle_dir: Path, files: Mapping[str, Any], policy: ExitPolicy,
-                        x: np.ndarray, tol: float = TOLERANCE) -> Dict[str, Any]:
-    """Compare every ONNX file of ``bundle_dir`` with the torch model on the preprocessed inputs ``x`` (N,C,H,W).
-
-    ``files``: {"segments": [names], "heads": [names], "monolithic": name}. Returns the parity figures; raises
-    ExportCheckError naming the file and tensor when an error exceeds the tolerance or a decision differs.
-    """
+def torch_reference(model: nn.Module, x: np.ndarray, policy: ExitPolicy) -> Dict[str, Any]:
+    """What the torch model says for a pipeline: per exit its features, logits, CAM and class; per kept exit the
+    7 signals against the previous *kept* exit's CAM (``gates.exit_signals``); and the exit and class each
+    sample takes under ``policy`` (``ExitPolicy.decide``)."""
     e = model.num_exits
     temps = policy.temperatures
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     with torch.no_grad():
-        feats = [f.numpy() for f in model.forward_intermediates(xt)]
-        outs = [model.heads[i].forward_cam(torch.from_numpy(feats[i])) for i in range(e)]
-    t_logits = [o.logits.numpy() for o in outs]
-    t_cams = [o.cam.numpy() for o in outs]
-    t_classes = [lg.argmax(1) for lg in t_logits]
-    t_signals = [exit_signals(t_logits[i], t_cams[i], t_cams[i - 1] if i else None, temps[i]) for i in range(e)]
+        feats = [f for f in model.forward_intermediates(torch.from_numpy(np.ascontiguousarray(x, np.float32)))]
+        outs = [model.heads[i].forward_cam(feats[i]) for i in range(e)]
+    logits = [o.logits.numpy() for o in outs]
+    cams = [o.cam.numpy() for o in outs]
+    classes = np.stack([lg.argmax(1) for lg in logits], 1)
+    signals = np.zeros((len(x), e, len(SIGNAL_NAMES)), dtype=np.float32)
+    prev = None
+    for k in policy.kept:
+        signals[:, k] = exit_signals(logits[k], cams[k], None if prev is None else cams[prev], temps[k])
+        prev = k
+    exits = policy.decide(signals, classes)
+    return {"features": [f.numpy() for f in feats], "logits": logits, "cams": cams, "classes": classes,
+            "signals": signals, "exits": exits, "labels": classes[np.arange(len(x)), exits]}
 
-    worst: Dict[str, float] = {k: 0.0 for k in ("features", "logits", "probs", "cam", "signals", "full_logits")}
+
+def _ambiguous(ref: Mapping[str, Any], policy: ExitPolicy, reach: np.ndarray, tol: float) -> np.ndarray:
+    """Samples whose decision may legitimately differ: at an exit they reach, a near-tie class or a gate score
+    within the float tolerance of its threshold."""
+    kept = list(policy.kept)
+    pat = np.zeros(ref["classes"].shape, dtype=np.int64)
+    pat[:, kept] = patience_counts(ref["classes"][:, kept])
+    out = np.zeros(reach.shape[0], dtype=bool)
+    for k in kept:
+        reached = reach >= k
+        out |= reached & _near_tie(ref["logits"][k], tol)
+        if k < policy.num_exits - 1 and math.isfinite(policy.thresholds[k]):
+            score = policy.oriented_score(k, ref["signals"][:, k, :], pat[:, k])
+            out |= reached & (np.abs(score - policy.thresholds[k]) <= _gate_tolerance(policy, k, tol))
+    return out
+
+
+def check_pipeline_parity(model: nn.Module, bundle_dir: Path, gate: str, x: np.ndarray,
+                          tol: float = TOLERANCE) -> Dict[str, Any]:
+    """Check one exported pipeline against torch on the preprocessed inputs ``x`` (N, C, H, W).
+
+    1. every stage and CAM graph, fed torch's own inputs: features, class, confidence, signals and CAM within
+       the tolerance (classes may differ only on near ties);
+    2. the runtime itself (``StageRunner`` on ONNX Runtime CPU), at batch 1 and batch 32: the exit and class of
+       every sample equal torch's, except samples near a threshold or a class tie.
+    Raises ExportCheckError naming the file and tensor; returns the figures for the manifest.
+    """
+    from ..runtime.backends import open_backend
+    from ..runtime.bundle import load_bundle
+    from ..runtime.chain import StageRunner
+
+    bundle = load_bundle(bundle_dir)
+    pipe = bundle.pipeline(gate)
+    policy = pipe.policy
+    ref = torch_reference(model, x, policy)
+    worst: Dict[str, float] = {}
     per_file: Dict[str, Dict[str, float]] = {}
-    ties = 0
 
-    def record(file: str, kind: str, err: float, limit: float, key: Optional[str] = None) -> None:
+    def record(file: str, kind: str, err: float, limit: float) -> None:
         per_file.setdefault(file, {})[kind] = err
-        key = key or kind
-        worst[key] = max(worst[key], err)
+        worst[kind] = max(worst.get(kind, 0.0), err)
         if not err <= limit:  # nan fails too
             _fail(file, kind, err, limit)
 
-    # -- every file on torch's own inputs ------------------------------------------------------------------------
-    seg_sessions = [_session(bundle_dir / n) for n in files["segments"]]
-    head_sessions = [_session(bundle_dir / n) for n in files["heads"]]
-    for i, name in enumerate(files["segments"]):
-        sess = seg_sessions[i]
-        inp = x.astype(np.float32) if i == 0 else feats[i - 1]
-        (got,) = sess.run(["features"], {"input" if i == 0 else "features_in": inp})
-        record(name, "features", _max_err(got, feats[i]), _scaled_tol(feats[i], tol))
-    for i, name in enumerate(files["heads"]):
-        sess = head_sessions[i]
-        feed = {"features": feats[i]}
-        if i > 0:
-            feed["prev_cam"] = t_cams[i - 1]
-        logits, probs, cls, cam, sig = sess.run(list(HEAD_OUTPUTS), feed)
-        record(name, "logits", _max_err(logits, t_logits[i]), _scaled_tol(t_logits[i], tol, _ABS_UP_TO))
-        record(name, "probs", _max_err(probs, softmax(t_logits[i], temps[i])), tol)
-        same = cls.astype(np.int64) == t_classes[i]
-        tie = _near_tie(t_logits[i], tol)
+    prev_k: Optional[int] = None
+    for stage in pipe.stages:
+        k, (a, _b) = stage.exit, stage.segments
+        feed = {stage.input_names[0]: x.astype(np.float32) if a == 0 else ref["features"][a - 1]}
+        if stage.has_input("prev_cam"):
+            feed["prev_cam"] = ref["cams"][prev_k]
+        got = dict(zip(stage.output_names, _session(stage.path).run(list(stage.output_names), feed)))
+        record(stage.file, "features", _max_err(got["features"], ref["features"][k]), _scaled_tol(ref["features"][k], tol))
+        t_cls = ref["classes"][:, k]
+        same = got["class"].astype(np.int64) == t_cls
+        tie = _near_tie(ref["logits"][k], tol)
         if np.any(~same & ~tie):
             b = int(np.flatnonzero(~same & ~tie)[0])
-            raise ExportCheckError(f"{name}: output 'class' differs from torch on sample {b} "
-                                   f"({int(cls[b])} vs {int(t_classes[i][b])}, not a near tie)")
-        ties += int(np.sum(~same))
-        record(name, "cam", _max_err(cam[same], t_cams[i][same]), _scaled_tol(t_cams[i][same], tol, _ABS_UP_TO))
-        record(name, "signals", _max_err(sig[same], t_signals[i][same]), tol)
-    full = files["monolithic"]
-    sess = _session(bundle_dir / full)
-    (got,) = sess.run(["logits"], {"input": x.astype(np.float32)})
-    record(full, "logits", _max_err(got, t_logits[-1]), _scaled_tol(t_logits[-1], tol, _ABS_UP_TO), key="full_logits")
-    (one,) = sess.run(["logits"], {"input": x[:1].astype(np.float32)})  # batch 1 through the dynamic axis
-    record(full, "logits_batch1", _max_err(one, t_logits[-1][:1]), _scaled_tol(t_logits[-1], tol, _ABS_UP_TO),
-           key="full_logits")
+            raise ExportCheckError(f"{stage.file}: output 'class' differs from torch on sample {b} "
+                                   f"({int(got['class'][b])} vs {int(t_cls[b])}, not a near tie)")
+        conf = softmax(ref["logits"][k], policy.temperatures[k]).max(axis=1)
+        record(stage.file, "confidence", _max_err(got["confidence"], conf), tol)
+        if "signals" in got:
+            cols = [SIGNAL_NAMES.index(n) for n in pipe.signals]
+            record(stage.file, "signals", _max_err(got["signals"][same], ref["signals"][same][:, k][:, cols]), tol)
+        if "cam" in got:
+            record(stage.file, "cam", _max_err(got["cam"][same], ref["cams"][k][same]),
+                   _scaled_tol(ref["cams"][k][same], tol, _ABS_UP_TO))
+        prev_k = k
+    for cam_file in pipe.cams:
+        k = cam_file.exit
+        (cam,) = _session(cam_file.path).run(["cam"], {"features": ref["features"][k]})
+        same = cam.shape[0] == len(x)
+        record(cam_file.file, "cam", _max_err(cam, ref["cams"][k]) if same else math.inf,
+               _scaled_tol(ref["cams"][k], tol, _ABS_UP_TO))
 
-    # -- chained, as the device runs it --------------------------------------------------------------------------
-    o_classes, o_signals = [], []
-    f = x.astype(np.float32)
-    prev = None
-    for i in range(e):
-        (f,) = seg_sessions[i].run(["features"], {("input" if i == 0 else "features_in"): f})
-        feed = {"features": f}
-        if i > 0:
-            feed["prev_cam"] = prev
-        cls, cam, sig = head_sessions[i].run(["class", "cam", "signals"], feed)
-        o_classes.append(cls.astype(np.int64))
-        o_signals.append(sig)
-        prev = cam
-    t_cls = np.stack(t_classes, 1)
-    o_cls = np.stack(o_classes, 1)
-    t_sig = np.stack(t_signals, 1)
-    o_sig = np.stack(o_signals, 1)
-    t_exit = policy.decide(t_sig, t_cls)
-    o_exit = policy.decide(o_sig, o_cls)
-    rows = np.arange(len(x))
-    # a sample is ambiguous when, at an exit it reaches, its torch gate score is within tolerance of the
-    # threshold or its torch class is a near tie
-    t_pat = patience_counts(t_cls)
-    reach = np.maximum(t_exit, o_exit)
-    ambiguous = np.zeros(len(x), dtype=bool)
-    for i in range(e):
-        reached = reach >= i
-        ambiguous |= reached & _near_tie(t_logits[i], tol)
-        if i < e - 1 and math.isfinite(policy.thresholds[i]):
-            score = policy.oriented_score(i, t_sig[:, i, :], t_pat[:, i])
-            ambiguous |= reached & (np.abs(score - policy.thresholds[i]) <= _gate_tolerance(policy, i, tol))
-    differ = (t_exit != o_exit) | (t_cls[rows, t_exit] != o_cls[rows, o_exit])
-    bad = differ & ~ambiguous
-    if np.any(bad):
-        b = int(np.flatnonzero(bad)[0])
-        first = int(min(t_exit[b], o_exit[b]))
-        raise ExportCheckError(
-            f"{files['heads'][first]}: chained decision differs from torch on sample {b}: torch leaves at exit "
-            f"{int(t_exit[b])} with class {int(t_cls[b, t_exit[b]])}, the bundle at exit {int(o_exit[b])} with class "
-            f"{int(o_cls[b, o_exit[b]])} (max abs signal error along the chain {_max_err(o_sig, t_sig):.3g})")
+    decisions: Dict[str, Any] = {}
+    for batch in (1, 32):
+        backend = open_backend(bundle, "onnxruntime", providers="cpu", threads=1, max_batch=batch, gate=gate)
+        try:
+            runner = StageRunner(bundle, backend, gate=gate)
+            got = runner.run_batch(x.astype(np.float32), batch_size=batch)
+        finally:
+            backend.close()
+        o_exit = np.asarray([d.exit for d in got])
+        o_cls = np.asarray([d.class_id for d in got])
+        differ = (o_exit != ref["exits"]) | (o_cls != ref["labels"])
+        ambiguous = _ambiguous(ref, policy, np.maximum(o_exit, ref["exits"]), tol)
+        bad = differ & ~ambiguous
+        if np.any(bad):
+            b = int(np.flatnonzero(bad)[0])
+            raise ExportCheckError(
+                f"{pipe.stages[0].file}: at batch {batch} the runtime's decision differs from torch on sample {b}: torch "
+                f"leaves at exit {int(ref['exits'][b])} with class {int(ref['labels'][b])}, the runtime at exit "
+                f"{int(o_exit[b])} with class {int(o_cls[b])}")
+        decisions[f"batch{batch}"] = {"compared": int(len(x)), "equal": int(np.sum(~differ)),
+                                      "near_threshold": int(np.sum(ambiguous & differ))}
     return {
         "tolerance": tol,
         "max_abs_error": worst,
         "per_file": per_file,
-        "chain_signals_max_abs_error": _max_err(o_sig, t_sig),
-        "decisions": {
-            "compared": int(len(x)),
-            "equal": int(np.sum(~differ)),
-            "near_threshold": int(np.sum(ambiguous)),
-            "class_near_ties": ties,
-            "exit_histogram": np.bincount(t_exit, minlength=e).astype(int).tolist(),
-        },
+        "decisions": decisions,
+        "exit_histogram": np.bincount(ref["exits"], minlength=policy.num_exits).astype(int).tolist(),
     }
+
+
+def check_monolithic(model: nn.Module, path: Path, x: np.ndarray, tol: float = TOLERANCE) -> Dict[str, float]:
+    """``full.onnx`` against the torch model's last exit, at the check batch and at batch 1."""
+    with torch.no_grad():
+        ref = model(torch.from_numpy(np.ascontiguousarray(x, np.float32)))[-1].numpy()
+    sess = _session(path)
+    (got,) = sess.run(["logits"], {"input": x.astype(np.float32)})
+    (one,) = sess.run(["logits"], {"input": x[:1].astype(np.float32)})
+    limit = _scaled_tol(ref, tol, _ABS_UP_TO)
+    errs = {"logits": _max_err(got, ref), "logits_batch1": _max_err(one, ref[:1])}
+    for kind, err in errs.items():
+        if not err <= limit:
+            _fail(path.name, kind, err, limit)
+    return errs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,6 +438,57 @@ def _fmt(v: float) -> str:
     return f"{v:.1e}"
 
 
+def _pipeline_policies(gates: Optional[Sequence[str]], chosen: ExitPolicy, ckpt: Mapping[str, Any],
+                       origin: str) -> Dict[str, ExitPolicy]:
+    """The policy of every gate to export: the chosen one, plus each gate named in ``gates`` with its calibrated
+    policy from the checkpoint (same temperatures; they are baked into the graphs)."""
+    names = [chosen.gate] + [g for g in (gates or []) if g != chosen.gate]
+    calibrated = _gate_policies(ckpt, chosen)
+    out: Dict[str, ExitPolicy] = {}
+    for name in names:
+        gate_spec(name)
+        if name == chosen.gate:
+            out[name] = chosen
+        elif name in calibrated:
+            out[name] = ExitPolicy.from_dict(calibrated[name])
+        else:
+            raise ExportError(f"gate {name!r} has no calibrated policy in {origin}: run `edgeexit calibrate` "
+                              f"(with that gate) first, or leave it out of --gates")
+    return out
+
+
+def _export_pipeline(model: nn.Module, policy: ExitPolicy, tmp: Path, example: torch.Tensor,
+                     feats: Sequence[torch.Tensor], cams: Sequence[torch.Tensor], cam_hw: Sequence[Tuple[int, int]],
+                     costs: Any, opset: int) -> Dict[str, Any]:
+    """Write one gate's stage and CAM graphs into ``tmp``; returns its manifest entry (without checks)."""
+    gate = policy.gate
+    spec = gate_spec(gate)
+    ranges = stage_ranges(policy.kept_internal, model.num_exits)
+    n = len(ranges)
+    stages, cam_entries = [], []
+    prev_k: Optional[int] = None
+    for j, (a, k) in enumerate(ranges):
+        in_names, out_names = stage_io(gate, j, n)
+        takes_prev = "prev_cam" in in_names
+        graph = StageGraph(
+            list(model.segments[a:k + 1]), model.heads[k], cam_hw=cam_hw[k], temperature=policy.temperatures[k],
+            signals=spec.signals if j < n - 1 else (), prev_hw=cam_hw[prev_k] if takes_prev else None,
+            emit_cam="cam" in out_names).eval()
+        args = (example if a == 0 else feats[a - 1],) + ((cams[prev_k],) if takes_prev else ())
+        path = tmp / f"{gate}.stage_{j}.onnx"
+        _export_onnx(graph, args, path, in_names, out_names, opset)
+        macs = sum(costs.segment_macs[a:k + 1]) + costs.head_macs[k]
+        params = sum(costs.segment_params[a:k + 1]) + costs.head_params[k]
+        stages.append(_file_entry(path, _onnx_io(path), macs, params, j, exit=k, segments=[a, k],
+                                  cam_shape=list(cam_hw[k]), temperature=float(policy.temperatures[k])))
+        cam_path = tmp / f"{gate}.cam_{k}.onnx"
+        _export_onnx(CamGraph(model.heads[k], cam_hw[k]).eval(), (feats[k],), cam_path, ["features"], ["cam"], opset)
+        cam_entries.append(_file_entry(cam_path, _onnx_io(cam_path), costs.head_macs[k], costs.head_params[k], exit=k))
+        prev_k = k
+    return {"policy": policy.to_dict(), "signals": list(spec.signals), "stages": stages, "cams": cam_entries,
+            "checks": None}
+
+
 def export_bundle(
     checkpoint_path_or_model: Union[str, os.PathLike, nn.Module],
     out_dir: Union[str, os.PathLike],
@@ -418,6 +497,7 @@ def export_bundle(
     opset: int = 17,
     samples: Optional[int] = None,
     policy: Union[ExitPolicy, Mapping[str, Any], None] = None,
+    gates: Optional[Sequence[str]] = None,
     check: bool = True,
     log: Callable[[str], None] = print,
     classes: Optional[Sequence[str]] = None,
@@ -425,11 +505,12 @@ def export_bundle(
 ) -> Path:
     """Export a checkpoint (path) or a ``MultiExitNet`` to a bundle directory ``out_dir``; returns its path.
 
-    Writes ``segment_i.onnx``, ``head_i.onnx`` (temperatures of the policy baked in), ``full.onnx`` and
-    ``manifest.json`` (see docs/architecture.md, "Bundle"). ``policy``: an ExitPolicy or its dict; default: the
-    checkpoint's calibrated policy, else an uncalibrated ``max_prob`` policy (with a "not calibrated: ..." line).
-    ``classes`` / ``preprocess`` are used for a bare model (a checkpoint brings its own).
-    ``samples``: number of check inputs (default 64). ``check=False`` skips the checks (manifest ``checks`` null).
+    Writes, per exported gate, one stage graph per kept exit and one CAM graph per kept exit (temperatures
+    baked in), ``full.onnx`` and ``manifest.json`` (see docs/architecture.md, "Bundle"). ``policy``: an
+    ExitPolicy or its dict; default: the checkpoint's calibrated policy, else an uncalibrated ``max_prob``
+    policy (with a "not calibrated: ..." line). ``gates``: more calibrated gates to export beside it (so
+    ``run --gate G`` can switch). ``classes`` / ``preprocess`` are used for a bare model (a checkpoint brings its
+    own). ``samples``: number of check inputs (default 64). ``check=False`` skips the checks.
     Raises FileExistsError (target exists, no ``force``), ExportError, ExportCheckError, CheckpointError.
     """
     import onnx
@@ -460,6 +541,10 @@ def export_bundle(
     if tuple(pre.input_shape) != tuple(model.input_shape):
         raise ExportError(f"preprocessing gives {pre.input_shape} inputs but the model takes {model.input_shape}")
     pol, calibrated = _resolve_policy(policy, ckpt, e, origin, log)
+    try:
+        policies = _pipeline_policies(gates, pol, ckpt, origin)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -471,44 +556,15 @@ def export_bundle(
             feats = model.forward_intermediates(example)
             cams = [model.heads[i].forward_cam(feats[i]).cam for i in range(e)]
         cam_hw = [tuple(int(v) for v in c.shape[1:]) for c in cams]
-
-        seg_entries, head_entries = [], []
-        for i in range(e):
-            path = tmp / f"segment_{i}.onnx"
-            names = ["input" if i == 0 else "features_in"]
-            _export_onnx(model.segments[i], (example if i == 0 else feats[i - 1],), path, names, ["features"], opset)
-            seg_entries.append(_file_entry(path, _onnx_io(path), costs.segment_macs[i], costs.segment_params[i], i))
-        for i in range(e):
-            path = tmp / f"head_{i}.onnx"
-            graph = HeadGraph(model.heads[i], cam_hw[i], cam_hw[i - 1] if i else None, pol.temperatures[i]).eval()
-            args = (feats[i],) if i == 0 else (feats[i], cams[i - 1])
-            names = ["features"] if i == 0 else ["features", "prev_cam"]
-            _export_onnx(graph, args, path, names, list(HEAD_OUTPUTS), opset)
-            head_entries.append(_file_entry(path, _onnx_io(path), costs.head_macs[i], costs.head_params[i], i,
-                                            temperature=float(pol.temperatures[i]), cam_shape=list(cam_hw[i])))
+        pipelines = {gate: _export_pipeline(model, p, tmp, example, feats, cams, cam_hw, costs, opset)
+                     for gate, p in policies.items()}
         full_path = tmp / "full.onnx"
         _export_onnx(FullGraph(model.segments, model.heads[-1]).eval(), (example,), full_path, ["input"], ["logits"], opset)
         mono_entry = _file_entry(full_path, _onnx_io(full_path), costs.reference_macs,
                                  sum(costs.segment_params) + costs.head_params[-1])
+        import onnxruntime
 
-        checks = None
-        ort_version = None
-        if check:
-            import onnxruntime
-
-            ort_version = onnxruntime.__version__
-            x, source_kind = validation_inputs(ckpt, pre, class_names, n_samples, log)
-            files = {"segments": [s["file"] for s in seg_entries], "heads": [h["file"] for h in head_entries],
-                     "monolithic": mono_entry["file"]}
-            checks = check_bundle_parity(model, tmp, files, pol, x)
-            checks = {"samples": int(len(x)), "inputs": source_kind, "runtime": f"onnxruntime {ort_version} CPU", **checks}
-            w = checks["max_abs_error"]
-            d = checks["decisions"]
-            log(f"parity vs torch on {len(x)} {source_kind} inputs (max abs error): features {_fmt(w['features'])}, "
-                f"logits {_fmt(w['logits'])}, probs {_fmt(w['probs'])}, cam {_fmt(w['cam'])}, "
-                f"signals {_fmt(w['signals'])}, full {_fmt(w['full_logits'])}; decisions {d['equal']}/{d['compared']} "
-                f"equal ({d['near_threshold']} near a threshold)")
-
+        ort_version = onnxruntime.__version__
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "format": "edgeexit-bundle",
@@ -521,32 +577,48 @@ def export_bundle(
                 "std": list(pre.std), "layout": "NCHW", "dtype": "float32",
                 "transform": "shorter side -> resize (bilinear), centre crop, x = (pixel / 255 - mean) / std",
             },
-            "signals": list(SIGNAL_NAMES),
-            "segments": seg_entries,
-            "heads": head_entries,
+            "num_exits": e,
+            "pipelines": pipelines,
+            "default_gate": pol.gate,
             "monolithic": mono_entry,
-            "policy": pol.to_dict(),
-            "gate_policies": _gate_policies(ckpt, pol) if calibrated else {},
             "calibrated": calibrated,
-            "costs": {
-                "unit": "MACs", "cumulative_macs": list(costs.cumulative_macs), "reference_macs": costs.reference_macs,
-                "segment_macs": list(costs.segment_macs), "head_macs": list(costs.head_macs),
-            },
+            "costs": {"unit": "MACs", "segment_macs": list(costs.segment_macs), "head_macs": list(costs.head_macs),
+                      "reference_macs": costs.reference_macs},
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": opset, "edgeexit": __version__,
                          "onnxruntime": ort_version},
             "model": json_ready(model.config),
-            "checks": checks,
+            "checks": None,
         }
         try:
             validate_manifest(json_ready(manifest))
         except BundleError as exc:  # a bug here, not the user's
             raise ExportError(f"the manifest does not match its schema: {exc}") from None
         write_manifest(tmp, manifest)
+        if check:
+            x, source_kind = validation_inputs(ckpt, pre, class_names, n_samples, log)
+            manifest["checks"] = {"samples": int(len(x)), "inputs": source_kind,
+                                  "runtime": f"onnxruntime {ort_version} CPU",
+                                  "monolithic": check_monolithic(model, full_path, x)}
+            for gate in pipelines:
+                pipelines[gate]["checks"] = check_pipeline_parity(model, tmp, gate, x)
+                _log_checks(log, gate, pipelines[gate]["checks"], len(x), source_kind)
+            write_manifest(tmp, manifest)
         _fsync_tree(tmp)
         _commit(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    log(f"bundle {out}: {2 * e + 1} ONNX files, {size / 1e6:.2f} MB, {e} exits, opset {opset}")
+    n_files = sum(1 for p in out.iterdir() if p.suffix == ".onnx")
+    kept = "; ".join(f"{g}: exits {', '.join(map(str, policies[g].kept))}" for g in policies)
+    log(f"bundle {out}: {n_files} ONNX files, {size / 1e6:.2f} MB, opset {opset}; stages end at {kept}")
     return out
+
+
+def _log_checks(log: Callable[[str], None], gate: str, checks: Mapping[str, Any], n: int, source: str) -> None:
+    w = checks["max_abs_error"]
+    d = checks["decisions"]
+    errors = ", ".join(f"{k} {_fmt(v)}" for k, v in w.items())
+    equal = ", ".join(f"batch {k[5:]} {v['equal']}/{v['compared']}" for k, v in d.items())
+    log(f"parity of the {gate} stages vs torch on {n} {source} inputs (max abs error): {errors}; "
+        f"decisions equal: {equal}")

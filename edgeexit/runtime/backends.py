@@ -1,21 +1,12 @@
-"""Inference backends behind one small interface (torch-free).
+"""Inference backends (torch-free): ONNX Runtime here, TensorRT in ``tensorrt_backend``; the interface is in
+``edgeexit.runtime.engine``.
 
-An :class:`Engine` runs one ONNX graph of a bundle (a segment or a head)::
+:func:`open_backend` picks and opens one for a bundle:
 
-    engine.input_names, engine.output_names, engine.input_shapes
-    engine.run(feeds: dict[str, array | device value], outputs=None, keep=()) -> dict[str, array | device value]
-
-``keep`` names outputs that should stay on the device (GPU providers): they come back as backend-specific device
-values (an ``onnxruntime.OrtValue`` or a TensorRT :class:`~edgeexit.runtime.tensorrt_backend.DeviceArray`) that the
-next engine takes as a feed without a host round trip. Every other output comes back as a numpy array. On the CPU
-``keep`` changes nothing (everything is a numpy array already).
-
-A :class:`Backend` holds the engines of one bundle: ``segments[i]``, ``heads[i]``, plus the two device-value
-helpers the chain needs: ``take(value, rows)`` (the rows of a batch that go on, kept on the device) and
-``to_host(value)``. :func:`open_backend` picks and opens one:
-
-- ``"onnxruntime"``: :class:`OrtBackend`, any execution-provider list (``tensorrt,cuda,cpu`` ...), low-latency
-  session options, IO binding on GPU providers so segment features stay on the device between segments.
+- ``"onnxruntime"``: :class:`OrtBackend`, any execution-provider list (``tensorrt,cuda,cpu`` ...), one session
+  per graph with low-latency options (one intra-op thread and no spinning by default: a chain runs several
+  sessions one after another, and idle spinning workers of one steal the cores of the next), IO binding with
+  buffers bound once (on GPU providers features stay in device memory between stages).
 - ``"tensorrt"``: :class:`~edgeexit.runtime.tensorrt_backend.TensorRTBackend` (tensorrt + pycuda, imported lazily).
 - ``"auto"``: TensorRT when ``tensorrt`` and ``pycuda`` import, else ONNX Runtime with its best provider.
 """
@@ -25,14 +16,17 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .engine import Backend, BackendError, Buffer, Engine
 
 __all__ = [
     "BackendError",
     "Engine",
     "Backend",
+    "Buffer",
     "OrtEngine",
     "OrtBackend",
     "PROVIDER_ALIASES",
@@ -44,9 +38,7 @@ __all__ = [
     "trt_profile_options",
     "available_cpus",
     "open_backend",
-    "bundle_root",
-    "bundle_manifest",
-    "bundle_graph_paths",
+    "MAX_THREADS",
 ]
 
 BACKEND_KINDS = ("auto", "onnxruntime", "tensorrt")
@@ -86,125 +78,6 @@ _PREFERENCE = (
     "OpenVINOExecutionProvider",
     "CPUExecutionProvider",
 )
-
-
-class BackendError(RuntimeError):
-    """A backend that cannot be opened or used; the message is one line."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# bundle access (duck-typed: a Bundle from edgeexit.runtime.bundle, or anything with a root and a manifest dict)
-
-
-def bundle_root(bundle: Any) -> Path:
-    """The bundle directory."""
-    for attr in ("root", "path", "directory", "dir"):
-        value = getattr(bundle, attr, None)
-        if value is not None:
-            return Path(value)
-    raise TypeError(f"cannot find the directory of bundle {bundle!r}")
-
-
-def bundle_manifest(bundle: Any) -> Mapping[str, Any]:
-    """The manifest dict of a bundle."""
-    manifest = getattr(bundle, "manifest", None)
-    if isinstance(manifest, Mapping):
-        return manifest
-    if manifest is not None and hasattr(manifest, "to_dict"):
-        return manifest.to_dict()
-    if isinstance(bundle, Mapping):
-        return bundle
-    raise TypeError(f"cannot find the manifest of bundle {bundle!r}")
-
-
-def bundle_graph_paths(bundle: Any) -> Tuple[List[Path], List[Path]]:
-    """(segment ONNX paths, head ONNX paths) in exit order."""
-    segs, heads = getattr(bundle, "segments", None), getattr(bundle, "heads", None)
-    if segs is not None and heads is not None and all(hasattr(f, "path") for f in (*segs, *heads)):
-        return [Path(f.path) for f in segs], [Path(f.path) for f in heads]
-    root, manifest = bundle_root(bundle), bundle_manifest(bundle)
-    segments = sorted(manifest["segments"], key=lambda s: int(s["index"]))
-    heads = sorted(manifest["heads"], key=lambda h: int(h["index"]))
-    return [root / s["file"] for s in segments], [root / h["file"] for h in heads]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the interface
-
-
-class Engine:
-    """One compiled graph. Subclasses set ``name``, ``input_names``, ``output_names``, ``input_shapes``
-    (name -> shape with None for dynamic axes) and implement :meth:`run`."""
-
-    name: str = "engine"
-    input_names: List[str]
-    output_names: List[str]
-    input_shapes: Dict[str, Tuple[Optional[int], ...]]
-
-    def run(
-        self,
-        feeds: Mapping[str, Any],
-        outputs: Optional[Sequence[str]] = None,
-        keep: Collection[str] = (),
-    ) -> Dict[str, Any]:
-        """Run on ``feeds`` (numpy arrays or device values of this backend). Returns the requested ``outputs``
-        (all by default): those named in ``keep`` may stay device values, the others are numpy arrays."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release what the engine holds."""
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name}: {self.input_names} -> {self.output_names}>"
-
-
-class Backend:
-    """The engines of one bundle, in exit order, and the device-value helpers the chain uses."""
-
-    kind: str = "backend"
-    device: str = "cpu"  # where kept outputs live: "cpu" or "cuda"
-    max_batch: Optional[int] = None  # the largest batch the engines take (None: any)
-
-    def __init__(self, segments: Sequence[Engine], heads: Sequence[Engine]):
-        self.notes: List[str] = []  # e.g. why "auto" did not pick TensorRT
-        if len(segments) != len(heads) or not segments:
-            raise BackendError(f"a backend needs one head per segment, got {len(segments)} segments and {len(heads)} heads")
-        self.segments: List[Engine] = list(segments)
-        self.heads: List[Engine] = list(heads)
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.segments)
-
-    def to_host(self, value: Any) -> np.ndarray:
-        """A numpy array of a value returned by an engine (a copy for device values)."""
-        return np.asarray(value)
-
-    def take(self, value: Any, rows: np.ndarray) -> Any:
-        """The given batch rows of a value (in that order), staying where the value is."""
-        return np.asarray(value)[rows]
-
-    def describe(self) -> str:
-        return self.kind
-
-    def close(self) -> None:
-        for engine in (*self.segments, *self.heads):
-            try:
-                engine.close()
-            except Exception:  # noqa: BLE001 (closing is best effort)
-                pass
-
-    def __enter__(self) -> "Backend":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.describe()}, {self.num_exits} exits>"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -298,10 +171,10 @@ def available_cpus() -> int:
 
 def session_options(threads: Optional[int] = None, spinning: Optional[bool] = None) -> Any:
     """Low-latency ONNX Runtime session options: every graph optimisation, sequential execution, one inter-op
-    thread, ``threads`` intra-op threads (None: ORT's default). ``spinning=False`` stops idle worker threads from
-    busy-waiting after a run (the default unless ``threads == 1``): a chain runs many sessions one after another,
-    and the spinning workers of the previous session compete with the next one for the cores (measured on 2 cores:
-    0.52 ms per frame without spinning, 2.6 ms with it, for the 4-exit test bundle)."""
+    thread, ``threads`` intra-op threads (None: ORT's default). ``spinning=False`` (the default) stops idle worker
+    threads from busy-waiting after a run: a chain runs several sessions one after another, and the spinning
+    workers of one session compete with the next for the cores (measured: 2 spinning threads per session gave
+    10-27 ms mean latencies from contention between sessions)."""
     ort = _import_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -312,7 +185,7 @@ def session_options(threads: Optional[int] = None, spinning: Optional[bool] = No
             raise BackendError(f"threads must be >= 1, got {threads}")
         so.intra_op_num_threads = int(threads)
     if spinning is None:
-        spinning = threads == 1
+        spinning = False
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3  # errors only: no provider-fallback chatter on stderr
     return so
@@ -320,20 +193,6 @@ def session_options(threads: Optional[int] = None, spinning: Optional[bool] = No
 
 def _shape_of(shape: Sequence[Any]) -> Tuple[Optional[int], ...]:
     return tuple(int(d) if isinstance(d, (int, np.integer)) and int(d) >= 0 else None for d in shape)
-
-
-def _graph_input_shapes(bundle: Any) -> Dict[str, Dict[str, Tuple[int, ...]]]:
-    """file name -> {input name: shape without the batch axis}, from the manifest (empty where unknown)."""
-    out: Dict[str, Dict[str, Tuple[int, ...]]] = {}
-    try:
-        manifest = bundle_manifest(bundle)
-        for entry in (*manifest["segments"], *manifest["heads"]):
-            out[str(entry["file"])] = {
-                str(t["name"]): tuple(int(d) for d in t["shape"][1:]) for t in entry.get("inputs", ())
-            }
-    except (TypeError, KeyError, ValueError):
-        return {}
-    return out
 
 
 def trt_profile_options(input_shapes: Mapping[str, Sequence[int]], max_batch: int) -> Dict[str, str]:
@@ -361,23 +220,19 @@ def _with_trt_profile(entries: List[Any], shapes: Optional[Mapping[str, Sequence
     return out
 
 
+
+
+MAX_THREADS = 256
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+
+
 class OrtEngine(Engine):
-    """One ONNX Runtime session.
+    """One ONNX Runtime session. ``run`` takes host arrays; ``bind`` binds fixed buffers once (IO binding), so a
+    call is one ``run_with_iobinding`` (measured on this CPU: 7-9 us less than ``run`` per call)."""
 
-    With ``io_binding`` (the default on GPU providers) feeds may be ``OrtValue``s on the device, kept outputs are
-    bound to device memory and come back as ``OrtValue``s, the other outputs are bound to host memory.
-    Without it, ``session.run`` is used (OrtValue feeds are converted with ``.numpy()``).
-    """
-
-    def __init__(
-        self,
-        path: Union[str, Path],
-        providers: Sequence[Any],
-        options: Any = None,
-        io_binding: Optional[bool] = None,
-        device: Optional[str] = None,
-        device_id: int = 0,
-    ):
+    def __init__(self, path: Union[str, Path], providers: Sequence[Any], options: Any = None,
+                 device: str = "cpu", device_id: int = 0) -> None:
         ort = _import_ort()
         self._ort = ort
         self.path = Path(path)
@@ -390,61 +245,40 @@ class OrtEngine(Engine):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_shapes = {i.name: _shape_of(i.shape) for i in self.session.get_inputs()}
-        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
-        if device is None:
-            device = GPU_PROVIDERS.get(self.providers[0], "cpu") if self.providers else "cpu"
+        self.output_types = {o.name: _NP_TYPES.get(o.type, np.float32) for o in self.session.get_outputs()}
         self.device = device
         self.device_id = int(device_id)
-        self.io_binding = (device != "cpu") if io_binding is None else bool(io_binding)
 
-    def _host(self, value: Any) -> np.ndarray:
-        if isinstance(value, self._ort.OrtValue):
-            return value.numpy()
-        return value
-
-    def run(
-        self,
-        feeds: Mapping[str, Any],
-        outputs: Optional[Sequence[str]] = None,
-        keep: Collection[str] = (),
-    ) -> Dict[str, Any]:
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
         names = list(outputs) if outputs is not None else self.output_names
-        if not self.io_binding:
-            values = self.session.run(names, {k: self._host(v) for k, v in feeds.items()})
-            return dict(zip(names, values))
+        values = self.session.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        return dict(zip(names, values))
+
+    def bind(self, inputs: Mapping[str, Buffer], outputs: Mapping[str, Buffer]) -> Callable[[], None]:
         binding = self.session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, self._ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in names:
-            if name in keep:
+        for name, buf in inputs.items():
+            binding.bind_ortvalue_input(name, buf.value)
+        for name in self.output_names:
+            if name in outputs:
+                binding.bind_ortvalue_output(name, outputs[name].value)
+            else:  # computed anyway; let ORT place it
                 binding.bind_output(name, self.device, self.device_id)
-            else:
-                binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return {name: (value if name in keep else value.numpy()) for name, value in zip(names, values)}
+        session, run = self.session, self.session.run_with_iobinding
+        return lambda: run(binding)
 
     def close(self) -> None:
         self.session = None
 
 
 class OrtBackend(Backend):
-    """A bundle's segments and heads as ONNX Runtime sessions (one per graph), sharing providers and options."""
+    """A bundle's graphs as ONNX Runtime sessions (one per graph, opened on first use), sharing providers and
+    session options."""
 
     kind = "onnxruntime"
 
-    def __init__(
-        self,
-        bundle: Any,
-        providers: Union[None, str, Sequence[Any]] = None,
-        threads: Optional[int] = None,
-        io_binding: Optional[bool] = None,
-        spinning: Optional[bool] = None,
-        max_batch: int = 32,
-    ):
+    def __init__(self, providers: Union[None, str, Sequence[Any]] = None, threads: Optional[int] = 1,
+                 spinning: Optional[bool] = None, max_batch: int = 32, input_shapes: Optional[Dict[str, Any]] = None):
+        super().__init__()
         ort = _import_ort()
         self._ort = ort
         resolved = resolve_providers(providers)
@@ -456,49 +290,41 @@ class OrtBackend(Backend):
             if isinstance(p, tuple):
                 options.update(p[1])
             entries.append((name, options) if options else name)
+        self._entries = entries
         self.requested_providers = [_provider_name(p) for p in resolved]
         first = entries[0]
-        first_options = first[1] if isinstance(first, tuple) else {}
-        self.device_id = int(first_options.get("device_id", 0))
-        if threads is None:
-            threads = available_cpus()
+        self.device_id = int((first[1] if isinstance(first, tuple) else {}).get("device_id", 0))
+        self.device = GPU_PROVIDERS.get(self.requested_providers[0], "cpu")
+        if threads is not None and not 1 <= int(threads) <= MAX_THREADS:
+            raise BackendError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
         self.threads = threads
-        options = session_options(threads, spinning)
-        seg_paths, head_paths = bundle_graph_paths(bundle)
-        kwargs = dict(options=options, io_binding=io_binding, device_id=self.device_id)
-        shapes = _graph_input_shapes(bundle)
-        segments = [OrtEngine(p, _with_trt_profile(entries, shapes.get(p.name), max_batch), **kwargs) for p in seg_paths]
-        heads = [OrtEngine(p, _with_trt_profile(entries, shapes.get(p.name), max_batch), **kwargs) for p in head_paths]
-        super().__init__(segments, heads)
-        self.providers = segments[0].providers
-        self.device = segments[0].device
-        self.io_binding = segments[0].io_binding
-        if "TensorrtExecutionProvider" in self.providers:
-            self.max_batch = max(1, int(max_batch))  # the fixed TensorRT profile: larger batches are split
+        self._options = session_options(threads, spinning)
+        self._max_batch = max(1, int(max_batch))
+        self.providers: List[str] = []
+        if "TensorrtExecutionProvider" in self.requested_providers:
+            self.max_batch = self._max_batch  # the fixed TensorRT profile: larger batches are split
 
-    def to_host(self, value: Any) -> np.ndarray:
-        if isinstance(value, self._ort.OrtValue):
-            return value.numpy()
-        return np.asarray(value)
+    def _open(self, model_file: Any) -> OrtEngine:
+        shapes = {t.name: t.static_shape for t in getattr(model_file, "inputs", ())}
+        engine = OrtEngine(model_file.path, _with_trt_profile(self._entries, shapes, self._max_batch), self._options,
+                           device=self.device, device_id=self.device_id)
+        self.providers = engine.providers
+        if self.device != "cpu" and GPU_PROVIDERS.get(engine.providers[0] if engine.providers else "", "cpu") == "cpu":
+            self.device = "cpu"  # the GPU provider was not taken: buffers on the host
+        return engine
 
-    def take(self, value: Any, rows: np.ndarray) -> Any:
-        """Rows of a batch. An OrtValue on the device goes through the host once (ONNX Runtime has no device
-        gather from Python), and goes back to the device; numpy arrays are indexed."""
-        if isinstance(value, self._ort.OrtValue):
-            host = np.ascontiguousarray(value.numpy()[rows])
-            device = value.device_name().lower()
-            if device == "cpu":
-                return host
-            return self._ort.OrtValue.ortvalue_from_numpy(host, device, self.device_id)
-        return np.asarray(value)[rows]
+    def buffer(self, shape: Sequence[int], dtype: Any, host: bool = True) -> Buffer:
+        shape = tuple(int(d) for d in shape)
+        if host or self.device == "cpu":
+            array = np.zeros(shape, dtype=dtype)
+            return Buffer(shape, dtype, array, self._ort.OrtValue.ortvalue_from_numpy(array))
+        value = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, self.device,
+                                                               self.device_id)
+        return Buffer(shape, dtype, None, value)
 
     def describe(self) -> str:
-        used = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
-        extra = []
-        if self.threads:
-            extra.append(f"{self.threads} threads")
-        if self.io_binding:
-            extra.append("IO binding")
+        used = ", ".join(p.replace("ExecutionProvider", "") for p in (self.providers or self.requested_providers))
+        extra = [f"{self.threads} thread{'s' if self.threads != 1 else ''} per session"] if self.threads else []
         extra += self.notes
         return f"onnxruntime [{used}]" + (f" ({', '.join(extra)})" if extra else "")
 
@@ -515,38 +341,56 @@ def open_backend(
     bundle: Any,
     kind: str = "auto",
     providers: Union[None, str, Sequence[Any]] = None,
-    threads: Optional[int] = None,
+    threads: Optional[int] = 1,
     max_batch: int = 32,
+    gate: Optional[str] = None,
+    full: bool = False,
     **kwargs: Any,
 ) -> Backend:
-    """Open the engines of ``bundle``.
+    """Open a backend for ``bundle`` and its engines for the run: the stages of ``gate``'s pipeline (default:
+    the bundle's gate), or with ``full`` the monolithic model, so a bad file fails here, not on the first frame.
 
     ``kind``: ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` (TensorRT when tensorrt and pycuda are installed and
     no ``providers`` were given, else ONNX Runtime). ``providers``: ONNX Runtime providers (``"tensorrt,cuda,cpu"``
-    or a list; default: the best available). ``threads``: intra-op threads of each ONNX Runtime session.
-    ``max_batch``: the batch the TensorRT backend allocates its buffers for.
+    or a list; default: the best available). ``threads``: intra-op threads of each ONNX Runtime session (default 1;
+    None: ONNX Runtime's default). ``max_batch``: the largest batch TensorRT profiles and buffers are made for.
     """
     kind = (kind or "auto").lower()
     if kind not in BACKEND_KINDS:
         raise BackendError(f"unknown backend {kind!r}; expected one of {', '.join(BACKEND_KINDS)}")
+    files = [bundle.monolithic] if full else list(bundle.pipeline(gate).stages)
     fallback = None
-    if kind == "auto":
-        if providers is None and tensorrt_available():
-            from .tensorrt_backend import TensorRTBackend  # noqa: PLC0415
-
-            try:
-                return TensorRTBackend(bundle, max_batch=max_batch, **kwargs)
-            except BackendError as exc:  # e.g. no GPU, or an engine that cannot be built: ONNX Runtime still works
-                fallback = f"tensorrt unavailable ({exc})"
-        kind = "onnxruntime"
+    backend: Optional[Backend] = None
+    if kind == "auto" and providers is None and tensorrt_available():
+        try:
+            backend = _tensorrt(bundle, max_batch, kwargs)
+            _open_all(backend, files)
+            return backend
+        except BackendError as exc:  # e.g. no GPU, or an engine that cannot be built: ONNX Runtime still works
+            fallback = f"tensorrt unavailable ({exc})"
     if kind == "tensorrt":
         if providers is not None:
             raise BackendError("--providers applies to the onnxruntime backend only")
-        from .tensorrt_backend import TensorRTBackend  # noqa: PLC0415 (imports tensorrt lazily)
-
-        return TensorRTBackend(bundle, max_batch=max_batch, **kwargs)
-    ort_kwargs = {k: v for k, v in kwargs.items() if k in ("io_binding", "spinning")}
-    backend = OrtBackend(bundle, providers=providers, threads=threads, max_batch=max_batch, **ort_kwargs)
-    if fallback:
-        backend.notes.append(fallback)
+        backend = _tensorrt(bundle, max_batch, kwargs)
+    else:
+        backend = OrtBackend(providers=providers, threads=threads, max_batch=max_batch,
+                             spinning=kwargs.get("spinning"))
+        if fallback:
+            backend.notes.append(fallback)
+    _open_all(backend, files)
     return backend
+
+
+def _tensorrt(bundle: Any, max_batch: int, kwargs: Mapping[str, Any]) -> Backend:
+    from .tensorrt_backend import TensorRTBackend  # noqa: PLC0415 (imports tensorrt lazily)
+
+    return TensorRTBackend(bundle, max_batch=max_batch, **{k: v for k, v in kwargs.items() if k != "spinning"})
+
+
+def _open_all(backend: Backend, files: Sequence[Any]) -> None:
+    try:
+        for f in files:
+            backend.engine(f)
+    except BaseException:
+        backend.close()
+        raise

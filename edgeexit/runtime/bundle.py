@@ -1,12 +1,15 @@
 """Bundles: the directory ``edgeexit export`` writes and the camera device loads (torch-free).
 
-A bundle holds one ONNX file per segment and per exit head, a monolithic reference model, optional TensorRT
-engines and ``manifest.json`` (schema: ``edgeexit/schemas/manifest.schema.json``; see docs/architecture.md,
-section "Bundle")::
+A bundle holds, per exported gate, a *pipeline*: one ONNX graph per kept exit (a stage: the backbone segments
+since the previous kept exit plus that exit's head, computing only what the gate reads; see
+``edgeexit.stages``), one small CAM graph per kept exit (for drawing), optional TensorRT engines; plus the
+monolithic reference ``full.onnx`` and ``manifest.json`` (schema: ``edgeexit/schemas/manifest.schema.json``; see
+docs/architecture.md, section "Bundle")::
 
     from edgeexit.runtime.bundle import load_bundle
-    bundle = load_bundle("bundle/")          # schema, file names, SHA-256 and shapes are checked
-    bundle.segments[0].path, bundle.heads[2].output("cam").shape, bundle.policy, bundle.preprocess
+    bundle = load_bundle("bundle/")          # schema, file names, SHA-256, ONNX inputs/outputs and shapes checked
+    pipe = bundle.pipeline()                 # the default gate's; bundle.pipeline("coh_ssim") another exported one
+    pipe.stages[0].path, pipe.policy.kept, bundle.preprocess
 
 Every problem with a bundle is a :class:`BundleError` whose message is one line naming the file or field.
 Only numpy, jsonschema and the standard library are imported (plus the torch-free ``edgeexit`` core).
@@ -24,9 +27,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..gates import SIGNAL_NAMES
+from ..errors import EdgeexitError
+from ..gates import GATE_NAMES, GATES, gate_spec
 from ..policy import ExitPolicy
 from ..preprocess import Preprocess
+from ..stages import exit_costs, stage_ranges
+from .onnx_io import OnnxIOError, read_io
 
 __all__ = [
     "BundleError",
@@ -35,7 +41,9 @@ __all__ = [
     "TensorSpec",
     "EngineInfo",
     "ModelFile",
+    "Pipeline",
     "Bundle",
+    "stage_io",
     "load_bundle",
     "read_manifest",
     "validate_manifest",
@@ -50,17 +58,13 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMAT = "edgeexit-bundle"
-HEAD_OUTPUTS = ("logits", "probs", "class", "cam", "signals")
 _MAX_MANIFEST_BYTES = 16 << 20
 
 
-class BundleError(ValueError):
+class BundleError(EdgeexitError, ValueError):
     """A bundle that is missing, malformed, tampered with or inconsistent. The message is one line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,8 +200,10 @@ def _schema_text() -> str:
 
 
 def manifest_schema() -> Dict[str, Any]:
-    """The manifest JSON Schema shipped in the package (a fresh dict)."""
-    return json.loads(_schema_text())
+    """The manifest JSON Schema shipped in the package (a fresh dict), its gate enum filled from the registry."""
+    schema = json.loads(_schema_text())
+    schema["$defs"]["gate"] = {"enum": list(GATE_NAMES)}
+    return schema
 
 
 @lru_cache(maxsize=1)
@@ -303,19 +309,26 @@ class EngineInfo:
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A segment, an exit head or the monolithic model: its ONNX file, tensors, costs and engine (or None)."""
+    """One ONNX graph of the bundle: a stage, a CAM graph or the monolithic model.
 
-    kind: str  # "segment", "head" or "monolithic"
-    index: int  # exit index (-1 for the monolithic model)
+    ``kind``: "stage" | "cam" | "monolithic"; ``index``: the stage's position in its pipeline (-1 otherwise);
+    ``exit``: the exit a stage ends at or a CAM graph draws (-1 for the monolithic model); ``segments``: the
+    (first, last) backbone segments a stage runs; ``cam_shape``: (h, w) of that exit's CAM."""
+
+    kind: str
+    index: int
     file: str
     path: Path
     sha256: str
     inputs: Tuple[TensorSpec, ...]
     outputs: Tuple[TensorSpec, ...]
-    macs: int
-    params: int
-    engine: Optional[EngineInfo]
-    temperature: Optional[float] = None  # heads: the softmax temperature baked into the graph
+    macs: int = 0
+    params: int = 0
+    engine: Optional[EngineInfo] = None
+    exit: int = -1
+    segments: Tuple[int, int] = (-1, -1)
+    cam_shape: Tuple[int, int] = (0, 0)
+    temperature: Optional[float] = None
     size: Optional[int] = None
 
     def input(self, name: str) -> TensorSpec:
@@ -330,6 +343,12 @@ class ModelFile:
                 return t
         raise KeyError(f"{self.file} has no output {name!r} (outputs: {', '.join(t.name for t in self.outputs)})")
 
+    def has_input(self, name: str) -> bool:
+        return any(t.name == name for t in self.inputs)
+
+    def has_output(self, name: str) -> bool:
+        return any(t.name == name for t in self.outputs)
+
     @property
     def input_names(self) -> Tuple[str, ...]:
         return tuple(t.name for t in self.inputs)
@@ -340,27 +359,50 @@ class ModelFile:
 
 
 @dataclass(frozen=True)
+class Pipeline:
+    """The deployed chain of one gate: its calibrated policy (with the kept exits), the signals its stages
+    compute, one stage per kept exit and one CAM graph per kept exit (for drawing)."""
+
+    gate: str
+    policy: ExitPolicy
+    signals: Tuple[str, ...]
+    stages: Tuple[ModelFile, ...]
+    cams: Tuple[ModelFile, ...]
+    checks: Optional[Dict[str, Any]] = None
+
+    @property
+    def kept(self) -> Tuple[int, ...]:
+        """The exit each stage ends at (the kept internal exits, then the last)."""
+        return tuple(s.exit for s in self.stages)
+
+    def cam(self, exit_index: int) -> Optional[ModelFile]:
+        return next((c for c in self.cams if c.exit == exit_index), None)
+
+    def files(self) -> Iterator[ModelFile]:
+        yield from self.stages
+        yield from self.cams
+
+
+@dataclass(frozen=True)
 class Bundle:
-    """A loaded, checked bundle. ``manifest`` is the parsed manifest.json (treat as read-only)."""
+    """A loaded, checked bundle: the one representation the runtime uses. ``manifest`` is the parsed
+    manifest.json, kept for reports (treat as read-only); everything the runtime needs is typed here."""
 
     path: Path
     manifest: Dict[str, Any]
     classes: Tuple[str, ...]
     preprocess: Preprocess
-    segments: Tuple[ModelFile, ...]
-    heads: Tuple[ModelFile, ...]
+    num_exits: int
+    pipelines: Dict[str, Pipeline]
+    default_gate: str
     monolithic: ModelFile
-    policy: ExitPolicy
-    cumulative_macs: Tuple[int, ...]
+    segment_macs: Tuple[int, ...]
+    head_macs: Tuple[int, ...]
     reference_macs: int
     versions: Dict[str, Any]
-    signals: Tuple[str, ...]
     checks: Optional[Dict[str, Any]]
     verified: bool
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.segments)
+    calibrated: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -376,17 +418,31 @@ class Bundle:
         return dict(self.manifest["input"])
 
     @property
-    def cam_shapes(self) -> Tuple[Tuple[int, int], ...]:
-        """(h, w) of every exit's CAM."""
-        return tuple(tuple(h.output("cam").static_shape) for h in self.heads)  # type: ignore[misc]
+    def policy(self) -> ExitPolicy:
+        """The default gate's policy."""
+        return self.pipelines[self.default_gate].policy
 
     @property
-    def cumulative_fraction(self) -> Tuple[float, ...]:
-        return tuple(c / self.reference_macs for c in self.cumulative_macs) if self.reference_macs else ()
+    def gates(self) -> Tuple[str, ...]:
+        return tuple(self.pipelines)
+
+    def pipeline(self, gate: Optional[str] = None) -> Pipeline:
+        """The pipeline of ``gate`` (default: the bundle's); a one-line BundleError when it was not exported."""
+        name = self.default_gate if gate is None else gate
+        if name not in self.pipelines:
+            gate_spec(name)  # an unknown gate name gets the registry's error
+            raise BundleError(f"{self.path}: gate {name!r} is not in this bundle (exported: "
+                              f"{', '.join(self.pipelines)}); re-export with --gates {','.join([*self.pipelines, name])}")
+        return self.pipelines[name]
+
+    def exit_macs(self, gate: Optional[str] = None) -> Tuple[int, ...]:
+        """MACs of leaving at each kept exit of a pipeline (``stages.exit_costs``, no per-call overhead)."""
+        policy = self.pipeline(gate).policy
+        return tuple(int(round(v)) for v in exit_costs(self.segment_macs, self.head_macs, policy.kept_internal))
 
     @property
     def has_engines(self) -> bool:
-        return all(f.engine is not None for f in (*self.segments, *self.heads))
+        return all(f.engine is not None for p in self.pipelines.values() for f in p.stages)
 
     @property
     def created(self) -> str:
@@ -397,9 +453,9 @@ class Bundle:
         return str(self.manifest.get("edgeexit_version", ""))
 
     def files(self) -> Iterator[ModelFile]:
-        """Every model file: segments, heads, then the monolithic model."""
-        yield from self.segments
-        yield from self.heads
+        """Every ONNX graph: each pipeline's stages and CAM graphs, then the monolithic model."""
+        for p in self.pipelines.values():
+            yield from p.files()
         yield self.monolithic
 
 
@@ -446,139 +502,167 @@ def _check_sha(path: Path, expected: str, field: str) -> None:
         )
 
 
+def _check_io(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], field: str) -> None:
+    """The ONNX file's own inputs and outputs (names, dtypes, static shapes) must be those the manifest declares."""
+    try:
+        real_in, real_out = read_io(path)
+    except OnnxIOError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    for what, declared, real in (("inputs", inputs, real_in), ("outputs", outputs, real_out)):
+        want = [(t.name, t.static_shape, t.dtype) for t in declared]
+        got = []
+        for name, shape, dtype in real:
+            static = tuple(d for d in shape[1:])
+            got.append((name, static, dtype))
+        if want != got:
+            def show(items: Sequence[Tuple[str, Tuple[Any, ...], str]]) -> str:
+                return ", ".join(f"{n}{list(s)} {d}" for n, s, d in items)
+            raise BundleError(f"{path}: the file's {what} ({show(got)}) are not those {field} declares in {MANIFEST} "
+                              f"({show(want)}): a file from another bundle or export?")
+
+
 def _model_file(root: Path, data: Mapping[str, Any], kind: str, field: str, verify: bool) -> ModelFile:
     name = check_file_name(data.get("file"), f"{field}.file")
     path = _inside(root, name, f"{field}.file")
     if verify:
         _check_sha(path, data["sha256"], field)
+    inputs = tuple(TensorSpec.from_dict(t) for t in data["inputs"])
+    outputs = tuple(TensorSpec.from_dict(t) for t in data["outputs"])
+    _check_io(path, inputs, outputs, field)
     temperature = data.get("temperature")
+    segments = data.get("segments") or (-1, -1)
+    cam_shape = data.get("cam_shape") or (0, 0)
     return ModelFile(
-        kind=kind,
-        index=int(data.get("index", -1)),
-        file=name,
-        path=path,
-        sha256=str(data["sha256"]),
-        inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
-        outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
-        macs=int(data.get("macs", 0)),
-        params=int(data.get("params", 0)),
-        engine=_engine(root, data.get("engine"), f"{field}.engine", verify),
-        temperature=None if temperature is None else float(temperature),
-        size=data.get("size"),
+        kind=kind, index=int(data.get("index", -1)), file=name, path=path, sha256=str(data["sha256"]),
+        inputs=inputs, outputs=outputs, macs=int(data.get("macs", 0)), params=int(data.get("params", 0)),
+        engine=_engine(root, data.get("engine"), f"{field}.engine", verify), exit=int(data.get("exit", -1)),
+        segments=(int(segments[0]), int(segments[1])), cam_shape=(int(cam_shape[0]), int(cam_shape[1])),
+        temperature=None if temperature is None else float(temperature), size=data.get("size"),
     )
 
 
-def _names(specs: Sequence[TensorSpec]) -> List[str]:
-    return [t.name for t in specs]
-
-
-def _require_static(spec: TensorSpec, field: str, rank: int) -> None:
+def _require(spec: TensorSpec, field: str, rank: int, dtypes: Sequence[str] = ("float32",)) -> None:
     if len(spec.shape) != rank:
-        raise BundleError(f"{MANIFEST}: {field} {spec.name!r} must have {rank} dimensions, got shape {list(spec.shape)}")
+        raise BundleError(f"{MANIFEST}: field {field} {spec.name!r} must have {rank} dimensions, got shape {list(spec.shape)}")
     if any(isinstance(d, str) for d in spec.shape[1:]):
-        raise BundleError(f"{MANIFEST}: {field} {spec.name!r} may be dynamic only in its batch axis, got {list(spec.shape)}")
+        raise BundleError(f"{MANIFEST}: field {field} {spec.name!r} may be dynamic only in its batch axis, got {list(spec.shape)}")
+    if spec.dtype not in dtypes:
+        raise BundleError(f"{MANIFEST}: field {field} {spec.name!r} must be {' or '.join(dtypes)}, got {spec.dtype}")
 
 
-def _check_consistency(seg: Sequence[ModelFile], heads: Sequence[ModelFile], mono: ModelFile, policy: ExitPolicy,
-                       pre: Preprocess, classes: Sequence[str], costs: Mapping[str, Any]) -> None:
-    e = len(seg)
-    if len(heads) != e:
-        raise BundleError(f"{MANIFEST}: field heads: {len(heads)} heads for {e} segments (one head per segment)")
-    if policy.num_exits != e:
-        raise BundleError(f"{MANIFEST}: field policy.temperatures: the policy has {policy.num_exits} exits, the bundle {e}")
-    num_classes = len(classes)
-    image = (pre.channels, pre.crop, pre.crop)
-    for i, s in enumerate(seg):
-        field = f"segments[{i}]"
-        if s.index != i:
-            raise BundleError(f"{MANIFEST}: field {field}.index is {s.index}, expected {i}")
-        want = "input" if i == 0 else "features_in"
-        if _names(s.inputs) != [want]:
-            raise BundleError(f"{MANIFEST}: field {field}.inputs must be [{want!r}], got {_names(s.inputs)}")
-        if _names(s.outputs) != ["features"]:
-            raise BundleError(f"{MANIFEST}: field {field}.outputs must be ['features'], got {_names(s.outputs)}")
-        _require_static(s.inputs[0], f"{field}.inputs", 4)
-        _require_static(s.outputs[0], f"{field}.outputs", 4)
-        expected_in = image if i == 0 else seg[i - 1].outputs[0].static_shape
-        if s.inputs[0].static_shape != tuple(expected_in):
-            source = "the input shape" if i == 0 else f"segments[{i - 1}].outputs 'features'"
-            raise BundleError(f"{MANIFEST}: field {field}.inputs {want!r} has shape {list(s.inputs[0].shape)}, "
-                              f"inconsistent with {source} {list(expected_in)}")
-    for i, h in enumerate(heads):
-        field = f"heads[{i}]"
-        if h.index != i:
-            raise BundleError(f"{MANIFEST}: field {field}.index is {h.index}, expected {i}")
-        want = ["features"] if i == 0 else ["features", "prev_cam"]
-        if sorted(_names(h.inputs)) != sorted(want):
-            raise BundleError(f"{MANIFEST}: field {field}.inputs must be {want}, got {_names(h.inputs)}")
-        if sorted(_names(h.outputs)) != sorted(HEAD_OUTPUTS):
-            raise BundleError(f"{MANIFEST}: field {field}.outputs must be {list(HEAD_OUTPUTS)}, got {_names(h.outputs)}")
-        feats = h.input("features")
-        _require_static(feats, f"{field}.inputs", 4)
-        if feats.static_shape != seg[i].outputs[0].static_shape:
-            raise BundleError(f"{MANIFEST}: field {field}.inputs 'features' has shape {list(feats.shape)}, inconsistent "
-                              f"with segments[{i}].outputs 'features' {list(seg[i].outputs[0].shape)}")
-        for name, rank in (("logits", 2), ("probs", 2), ("signals", 2), ("class", 1), ("cam", 3)):
-            _require_static(h.output(name), f"{field}.outputs", rank)
-        for name in ("logits", "probs"):
-            if h.output(name).static_shape != (num_classes,):
-                raise BundleError(f"{MANIFEST}: field {field}.outputs {name!r} has shape {list(h.output(name).shape)}, "
-                                  f"but the bundle has {num_classes} classes")
-        if h.output("signals").static_shape != (len(SIGNAL_NAMES),):
-            raise BundleError(f"{MANIFEST}: field {field}.outputs 'signals' must have {len(SIGNAL_NAMES)} columns, "
-                              f"got shape {list(h.output('signals').shape)}")
-        if h.output("class").dtype not in ("int64", "int32"):
-            raise BundleError(f"{MANIFEST}: field {field}.outputs 'class' must be int64, got {h.output('class').dtype}")
-        if i > 0:
-            prev = h.input("prev_cam")
-            _require_static(prev, f"{field}.inputs", 3)
-            if prev.static_shape != heads[i - 1].output("cam").static_shape:
-                raise BundleError(f"{MANIFEST}: field {field}.inputs 'prev_cam' has shape {list(prev.shape)}, inconsistent "
-                                  f"with heads[{i - 1}].outputs 'cam' {list(heads[i - 1].output('cam').shape)}")
-        if h.temperature is not None and not math.isclose(h.temperature, policy.temperatures[i], rel_tol=1e-6):
-            raise BundleError(f"{MANIFEST}: field {field}.temperature {h.temperature} differs from "
-                              f"policy.temperatures[{i}] {policy.temperatures[i]} (baked into the head graph)")
-    if _names(mono.inputs) != ["input"] or mono.inputs[0].static_shape != image:
-        raise BundleError(f"{MANIFEST}: field monolithic.inputs must be ['input'] of shape {list(image)}, "
-                          f"got {[t.to_dict() for t in mono.inputs]}")
-    if "logits" not in _names(mono.outputs) or mono.output("logits").static_shape != (num_classes,):
-        raise BundleError(f"{MANIFEST}: field monolithic.outputs must hold 'logits' with {num_classes} classes")
-    cumulative = [int(v) for v in costs["cumulative_macs"]]
-    if len(cumulative) != e:
-        raise BundleError(f"{MANIFEST}: field costs.cumulative_macs has {len(cumulative)} entries for {e} exits")
-    if any(b < a for a, b in zip(cumulative, cumulative[1:])):
-        raise BundleError(f"{MANIFEST}: field costs.cumulative_macs must not decrease, got {cumulative}")
+def stage_io(gate: str, j: int, num_stages: int) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(input names, output names) of stage j of a pipeline of ``gate``: the stage contract, one home for
+    the exporter and the loader."""
+    spec = gate_spec(gate)
+    last = j == num_stages - 1
+    compares = spec.needs_prev_cam
+    inputs = ("input" if j == 0 else "features_in",) + (("prev_cam",) if compares and 0 < j and not last else ())
+    outputs = ("features", "class", "confidence")
+    if not last and spec.signals:
+        outputs += ("signals",)
+    if compares and j < num_stages - 2:  # the next stage is internal and compares maps
+        outputs += ("cam",)
+    return inputs, outputs
+
+
+def _check_pipeline(p: Pipeline, num_exits: int, image: Tuple[int, ...], num_classes: int, field: str) -> None:
+    policy = p.policy
+    if policy.num_exits != num_exits:
+        raise BundleError(f"{MANIFEST}: field {field}.policy has {policy.num_exits} exits, the bundle {num_exits}")
+    if policy.gate != p.gate:
+        raise BundleError(f"{MANIFEST}: field {field}.policy.gate is {policy.gate!r}, the pipeline is {p.gate!r}")
+    want_signals = tuple(gate_spec(p.gate).signals)
+    if tuple(p.signals) != want_signals:
+        raise BundleError(f"{MANIFEST}: field {field}.signals is {list(p.signals)}, gate {p.gate} reads {list(want_signals)}")
+    ranges = stage_ranges(policy.kept_internal, num_exits)
+    if p.kept != policy.kept or len(p.stages) != len(ranges):
+        raise BundleError(f"{MANIFEST}: field {field}.stages end at exits {list(p.kept)}, the policy keeps {list(policy.kept)}")
+    n = len(p.stages)
+    prev_features: Tuple[int, ...] = image
+    prev_cam: Optional[Tuple[int, int]] = None
+    for j, stage in enumerate(p.stages):
+        sf = f"{field}.stages[{j}]"
+        if stage.index != j or stage.segments != ranges[j]:
+            raise BundleError(f"{MANIFEST}: field {sf} must be stage {j} over segments {list(ranges[j])}, "
+                              f"got stage {stage.index} over {list(stage.segments)}")
+        want_in, want_out = stage_io(p.gate, j, n)
+        if stage.input_names != want_in or stage.output_names != want_out:
+            raise BundleError(f"{MANIFEST}: field {sf} must take {list(want_in)} and return {list(want_out)}, "
+                              f"got {list(stage.input_names)} -> {list(stage.output_names)}")
+        first = stage.inputs[0]
+        _require(first, f"{sf}.inputs", 4)
+        if first.static_shape != tuple(prev_features):
+            source = "the input shape" if j == 0 else f"{field}.stages[{j - 1}] 'features'"
+            raise BundleError(f"{MANIFEST}: field {sf}.inputs {first.name!r} has shape {list(first.shape)}, "
+                              f"inconsistent with {source} {list(prev_features)}")
+        _require(stage.output("features"), f"{sf}.outputs", 4)
+        _require(stage.output("class"), f"{sf}.outputs", 1, ("int64", "int32"))
+        _require(stage.output("confidence"), f"{sf}.outputs", 1)
+        if stage.has_output("signals"):
+            sig = stage.output("signals")
+            _require(sig, f"{sf}.outputs", 2)
+            if sig.static_shape != (len(p.signals),):
+                raise BundleError(f"{MANIFEST}: field {sf}.outputs 'signals' must have {len(p.signals)} columns "
+                                  f"({', '.join(p.signals)}), got shape {list(sig.shape)}")
+        if stage.has_input("prev_cam"):
+            spec = stage.input("prev_cam")
+            _require(spec, f"{sf}.inputs", 3)
+            if prev_cam is None or spec.static_shape != prev_cam:
+                raise BundleError(f"{MANIFEST}: field {sf}.inputs 'prev_cam' has shape {list(spec.shape)}, the "
+                                  f"previous stage returns {list(prev_cam) if prev_cam else 'no cam'}")
+        prev_cam = None
+        if stage.has_output("cam"):
+            cam = stage.output("cam")
+            _require(cam, f"{sf}.outputs", 3)
+            prev_cam = cam.static_shape  # type: ignore[assignment]
+        if stage.temperature is not None and not math.isclose(stage.temperature, policy.temperatures[stage.exit],
+                                                              rel_tol=1e-6):
+            raise BundleError(f"{MANIFEST}: field {sf}.temperature {stage.temperature} differs from "
+                              f"policy.temperatures[{stage.exit}] {policy.temperatures[stage.exit]} (baked into the graph)")
+        prev_features = stage.output("features").static_shape
+    by_exit = {s.exit: s for s in p.stages}
+    for k, cam in enumerate(p.cams):
+        cf = f"{field}.cams[{k}]"
+        stage = by_exit.get(cam.exit)
+        if stage is None:
+            raise BundleError(f"{MANIFEST}: field {cf}.exit {cam.exit} is not a kept exit ({list(p.kept)})")
+        if cam.input_names != ("features",) or cam.output_names != ("cam",):
+            raise BundleError(f"{MANIFEST}: field {cf} must map ['features'] to ['cam'], got "
+                              f"{list(cam.input_names)} -> {list(cam.output_names)}")
+        if cam.inputs[0].static_shape != stage.output("features").static_shape:
+            raise BundleError(f"{MANIFEST}: field {cf}.inputs 'features' has shape {list(cam.inputs[0].shape)}, "
+                              f"the stage of exit {cam.exit} returns {list(stage.output('features').shape)}")
 
 
 def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
     """Load and check a bundle directory.
 
-    Checks: manifest.json parses and matches the schema; every file named is a plain file name inside the bundle
-    (no '/', '\\\\', '..', absolute paths, links leaving the directory) and exists; with ``verify`` (default) every
-    file's SHA-256 matches; the numbers of segments, heads and policy exits agree and every tensor shape fits its
-    neighbour (segment i -> segment i+1, segment i -> head i, head i-1 cam -> head i prev_cam).
-    Any failure raises a one-line :class:`BundleError`.
+    Checks: manifest.json parses and matches the schema (schema 2; older bundles are refused with the advice to
+    re-export); every file named is a plain file name inside the bundle (no '/', '\\\\', '..', absolute paths,
+    links leaving the directory) and exists; with ``verify`` (default) every file's SHA-256 matches; every ONNX
+    file's own inputs and outputs are those the manifest declares; each pipeline's stages end at its policy's
+    kept exits and every tensor fits its neighbour. Any failure raises a one-line :class:`BundleError`.
     """
     root = Path(path)
     data = read_manifest(root)
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise BundleError(f"{root / MANIFEST}: schema_version {version!r} is not supported (this edgeexit reads {SCHEMA_VERSION})")
+        older = isinstance(version, int) and version < SCHEMA_VERSION
+        raise BundleError(f"{root / MANIFEST}: schema_version {version!r} is not supported (this edgeexit reads "
+                          f"{SCHEMA_VERSION})" + ("; re-export it: edgeexit export CHECKPOINT --out DIR" if older else ""))
     # File names first: a path outside the bundle is named as such even when other fields are odd.
-    for group in ("segments", "heads"):
-        for i, entry in enumerate(data.get(group) or []):
-            if isinstance(entry, dict) and "file" in entry:
-                check_file_name(entry["file"], f"{group}[{i}].file")
-                if isinstance(entry.get("engine"), dict) and "file" in entry["engine"]:
-                    check_file_name(entry["engine"]["file"], f"{group}[{i}].engine.file")
+    for gate, pipe in (data.get("pipelines") or {}).items() if isinstance(data.get("pipelines"), dict) else ():
+        for group in ("stages", "cams"):
+            for i, entry in enumerate((pipe or {}).get(group) or [] if isinstance(pipe, dict) else []):
+                if isinstance(entry, dict) and "file" in entry:
+                    check_file_name(entry["file"], f"pipelines.{gate}.{group}[{i}].file")
+                    if isinstance(entry.get("engine"), dict) and "file" in entry["engine"]:
+                        check_file_name(entry["engine"]["file"], f"pipelines.{gate}.{group}[{i}].engine.file")
     mono = data.get("monolithic")
     if isinstance(mono, dict) and "file" in mono:
         check_file_name(mono["file"], "monolithic.file")
     validate_manifest(data)
 
-    signals = tuple(data["signals"])
-    if signals != SIGNAL_NAMES:
-        raise BundleError(f"{MANIFEST}: field signals is {list(signals)}, this edgeexit computes {list(SIGNAL_NAMES)}")
     inp = data["input"]
     channels = int(inp["shape"][0])
     if inp["channel_order"] != ("RGB" if channels == 3 else "GRAY"):
@@ -590,10 +674,15 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
                          mean=tuple(float(v) for v in inp["mean"]), std=tuple(float(v) for v in inp["std"]))
     except ValueError as exc:
         raise BundleError(f"{MANIFEST}: field input: {exc}") from None
-    try:
-        policy = ExitPolicy.from_dict(data["policy"])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise BundleError(f"{MANIFEST}: field policy: {exc}") from None
+    image = (pre.channels, pre.crop, pre.crop)
+    classes = tuple(str(c) for c in data["classes"])
+    num_exits = int(data["num_exits"])
+    costs = data["costs"]
+    seg_macs = tuple(int(v) for v in costs["segment_macs"])
+    head_macs = tuple(int(v) for v in costs["head_macs"])
+    if len(seg_macs) != num_exits or len(head_macs) != num_exits:
+        raise BundleError(f"{MANIFEST}: field costs: {len(seg_macs)} segment and {len(head_macs)} head costs for "
+                          f"{num_exits} exits")
 
     seen: Dict[str, str] = {}
 
@@ -602,40 +691,37 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
             raise BundleError(f"{MANIFEST}: field {field} names {name!r}, already used by {seen[name]}")
         seen[name] = field
 
-    segments = []
-    for i, entry in enumerate(data["segments"]):
-        segments.append(_model_file(root, entry, "segment", f"segments[{i}]", verify))
-    heads = []
-    for i, entry in enumerate(data["heads"]):
-        heads.append(_model_file(root, entry, "head", f"heads[{i}]", verify))
+    pipelines: Dict[str, Pipeline] = {}
+    for gate, entry in data["pipelines"].items():
+        field = f"pipelines.{gate}"
+        try:
+            policy = ExitPolicy.from_dict(entry["policy"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BundleError(f"{MANIFEST}: field {field}.policy: {exc}") from None
+        stages = tuple(_model_file(root, s, "stage", f"{field}.stages[{j}]", verify) for j, s in enumerate(entry["stages"]))
+        cams = tuple(_model_file(root, c, "cam", f"{field}.cams[{k}]", verify) for k, c in enumerate(entry["cams"]))
+        for group, files in (("stages", stages), ("cams", cams)):
+            for j, f in enumerate(files):
+                unique(f.file, f"{field}.{group}[{j}].file")
+                if f.engine is not None:
+                    unique(f.engine.file, f"{field}.{group}[{j}].engine.file")
+        pipe = Pipeline(gate=str(gate), policy=policy, signals=tuple(entry["signals"]), stages=stages, cams=cams,
+                        checks=entry.get("checks"))
+        _check_pipeline(pipe, num_exits, image, len(classes), field)
+        pipelines[str(gate)] = pipe
+    default_gate = str(data["default_gate"])
+    if default_gate not in pipelines:
+        raise BundleError(f"{MANIFEST}: field default_gate {default_gate!r} has no pipeline ({', '.join(pipelines)})")
     monolithic = _model_file(root, data["monolithic"], "monolithic", "monolithic", verify)
-    for group, files in (("segments", segments), ("heads", heads)):
-        for i, f in enumerate(files):
-            unique(f.file, f"{group}[{i}].file")
-            if f.engine is not None:
-                unique(f.engine.file, f"{group}[{i}].engine.file")
     unique(monolithic.file, "monolithic.file")
-    if monolithic.engine is not None:
-        unique(monolithic.engine.file, "monolithic.engine.file")
-
-    classes = tuple(str(c) for c in data["classes"])
-    _check_consistency(segments, heads, monolithic, policy, pre, classes, data["costs"])
-    costs = data["costs"]
-    cumulative = tuple(int(v) for v in costs["cumulative_macs"])
-    reference = int(costs.get("reference_macs", sum(s.macs for s in segments) + heads[-1].macs))
+    if monolithic.input_names != ("input",) or monolithic.inputs[0].static_shape != image:
+        raise BundleError(f"{MANIFEST}: field monolithic.inputs must be ['input'] of shape {list(image)}, "
+                          f"got {[t.to_dict() for t in monolithic.inputs]}")
+    if not monolithic.has_output("logits") or monolithic.output("logits").static_shape != (len(classes),):
+        raise BundleError(f"{MANIFEST}: field monolithic.outputs must hold 'logits' with {len(classes)} classes")
     return Bundle(
-        path=root,
-        manifest=data,
-        classes=classes,
-        preprocess=pre,
-        segments=tuple(segments),
-        heads=tuple(heads),
-        monolithic=monolithic,
-        policy=policy,
-        cumulative_macs=cumulative,
-        reference_macs=reference,
-        versions=dict(data["versions"]),
-        signals=signals,
-        checks=data.get("checks"),
-        verified=bool(verify),
+        path=root, manifest=data, classes=classes, preprocess=pre, num_exits=num_exits, pipelines=pipelines,
+        default_gate=default_gate, monolithic=monolithic, segment_macs=seg_macs, head_macs=head_macs,
+        reference_macs=int(costs["reference_macs"]), versions=dict(data["versions"]), checks=data.get("checks"),
+        verified=bool(verify), calibrated=bool(data.get("calibrated", True)),
     )

@@ -1,77 +1,75 @@
-"""The exit chain: run segment 0 -> head 0 -> gate -> leave, or segment 1 -> ... and really stop (torch-free).
+"""The stage chain: run stage 0 -> read one score -> leave, or stage 1 -> ... and really stop (torch-free).
 
-``ExitRunner(bundle, backend, gate=..., threshold=..., max_exit=..., full=...)`` runs batches of preprocessed
-images (float32 NCHW) through the backend's engines::
+A bundle's pipeline holds one graph per kept exit (``edgeexit.stages``): stage j runs the backbone segments since
+the previous kept exit and that exit's head, and returns the next stage's features, the exit's class and
+confidence and only the gate signals its policy reads::
 
-    runner = ExitRunner(bundle, open_backend(bundle))
-    decisions = runner.run_images([rgb_uint8_frame, ...])     # or runner.run_batch(x)
+    runner = StageRunner(bundle, open_backend(bundle))
+    decisions = runner.run_images([rgb_uint8_frame, ...])     # or runner.run_batch(x), runner.run_one(x[0])
 
-Per exit i: segment i runs on the samples still in the batch; head i computes ``class``, ``signals`` (the 7 gate
-signals, with the temperature baked into the graph) and ``cam``; the gate reads those signals with the bundle's
-:class:`~edgeexit.policy.ExitPolicy` (patience by :func:`~edgeexit.gates.next_patience`, the learned score by
-:func:`~edgeexit.gates.gate_score`, exactly as calibration did). Samples that leave are dropped from the batch
-(*compaction*) before segment i+1, so later segments run on fewer rows; decisions come back in input order and
-equal those of batch size 1. The last exit takes every sample still there.
+Batch 1, the camera case (:meth:`StageRunner.run_one`): every stage's buffers are bound once (stage j's
+``features`` buffer *is* stage j+1's input), the frame is copied in, each stage is one engine call, and the exit
+decision compares one number with its threshold: ``sign * score >= threshold`` (``ExitPolicy.passes``), with the
+score read from the stage's bound output. Nothing is allocated per frame. Patience and the learned gate use
+``gates.next_patience`` / ``gates.gate_score``, exactly as calibration did.
 
-``full=True`` is the plain-network baseline: every segment runs and only the last head (comparable to the
-bundle's monolithic ``full.onnx``). A frame whose head output is not finite is marked failed (with the reason)
-and leaves the batch; the others go on.
+Batches (:meth:`StageRunner.run_batch`): samples that leave are dropped before the next stage (*compaction*);
+decisions come back in input order and equal those of batch size 1.
+
+``full=True`` is the plain-network baseline: the bundle's monolithic ``full.onnx``, one call per frame. A frame
+whose outputs are not finite is marked failed (with the reason) and leaves; the others go on.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..gates import SIGNAL_NAMES, gate_score, next_patience
+from ..gates import SIGNAL_NAMES, gate_score, gate_spec, next_patience
 from ..policy import ExitPolicy
 from ..preprocess import Preprocess
-from .backends import Backend, bundle_manifest
+from .engine import Backend, Buffer
 
-__all__ = ["Decision", "ExitRunner", "parse_thresholds", "run_source"]
-
-HEAD_OUTPUTS = ("class", "signals", "cam")
+__all__ = ["Decision", "StageRunner", "ExitRunner", "parse_thresholds", "run_source"]
 
 
 @dataclass
 class Decision:
-    """The runtime's answer for one frame.
+    """The runtime's answer for one frame; the field names are those of the JSON lines.
 
-    ``class_id`` / ``label``: the prediction of the exit taken (``exit_index``); ``confidence``: its probability
-    (softmax with the exit's temperature, the ``max_prob`` signal); ``gate_score``: the raw gate score at that exit
-    (None in ``full`` mode and where the gate has no score: the learned gate at the last exit); ``cam``: that exit's
-    class activation map (when the runner keeps CAMs); ``failed`` / ``reason``: an engine produced non-finite
-    values or raised; ``latency_ms``: this frame's share of the batch's inference time (each step's time divided
-    among the frames that were in it); ``macs``: the cumulative MACs of the exit taken.
+    ``class_id`` / ``label``: the prediction of the exit taken (``exit``, an exit index of the model);
+    ``confidence``: its max softmax probability (with the exit's temperature); ``gate_score``: the raw gate
+    score at that exit (None at the last exit, which takes every frame, and in ``full`` mode); ``latency_ms``:
+    inference time (batches: each stage's time divided among the frames in it); ``macs``: the cost of the exit
+    taken (stages passed, kept heads included); ``failed``: None, or why this frame has no answer (non-finite
+    outputs, an engine error); ``cam``: that exit's class activation map when the runner draws (not in JSON).
     """
 
     class_id: int
     label: str
     confidence: float
-    exit_index: int
+    exit: int
     gate_score: Optional[float] = None
-    cam: Optional[np.ndarray] = None
-    failed: bool = False
-    reason: Optional[str] = None
     latency_ms: float = 0.0
     macs: int = 0
-    signals: Optional[np.ndarray] = field(default=None, repr=False)
+    failed: Optional[str] = None
+    cam: Optional[np.ndarray] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-able fields (no CAM, no signals)."""
+        """The JSON-line fields (no CAM)."""
         return {
-            "class_id": int(self.class_id),
-            "label": self.label,
-            "confidence": _num(self.confidence),
-            "exit": int(self.exit_index),
-            "gate_score": _num(self.gate_score),
-            "latency_ms": _num(self.latency_ms),
+            "class_id": None if self.failed else int(self.class_id),
+            "label": None if self.failed else self.label,
+            "confidence": None if self.failed else _num(self.confidence),
+            "exit": int(self.exit),
+            "gate_score": None if self.failed else _num(self.gate_score),
+            "latency_ms": _num(self.latency_ms, 4),
             "macs": int(self.macs),
-            "failed": self.reason if self.failed else None,
+            "failed": self.failed,
         }
 
 
@@ -102,90 +100,85 @@ def parse_thresholds(text: Union[None, str, float, Sequence[float]]) -> Union[No
     return values[0] if len(values) == 1 and "," not in text else values
 
 
-def _bundle_attr(bundle: Any, name: str, default: Any = None) -> Any:
-    return getattr(bundle, name, default)
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:300]
 
 
-class ExitRunner:
-    """Chains a backend's engines for one bundle with an exit policy (see the module docstring).
+def runner_policy(pipeline_policy: ExitPolicy, threshold: Union[None, float, str, Sequence[float]] = None,
+                  max_exit: Optional[int] = None) -> ExitPolicy:
+    """The pipeline's calibrated policy with ``--threshold`` / ``--max-exit`` applied. The signs stay the
+    calibrated ones. ``threshold``: one value for every kept internal exit, or one per kept internal exit."""
+    values = parse_thresholds(threshold) if isinstance(threshold, str) else threshold
+    kept = pipeline_policy.kept_internal
+    if isinstance(values, list):
+        if len(values) != len(kept):
+            raise ValueError(f"--threshold has {len(values)} values; this pipeline has {len(kept)} internal exits "
+                             f"({', '.join(map(str, kept)) or 'none'})")
+        full = [math.inf] * (pipeline_policy.num_exits - 1)
+        for k, v in zip(kept, values):
+            full[k] = v
+        values = full
+    elif values is not None:
+        values = [float(values) if i in kept else math.inf for i in range(pipeline_policy.num_exits - 1)]
+    if values is None and max_exit is None:
+        return pipeline_policy
+    return pipeline_policy.override(thresholds=values, max_exit=max_exit)
 
-    Overrides of the manifest policy: ``gate`` (the calibrated policy of that gate when the bundle has one, else it
-    needs ``threshold``), ``threshold`` (one value for
-    every internal exit, or one per internal exit), ``max_exit`` (every sample reaching that exit leaves there),
-    ``full`` (every segment, only the last head). ``keep_cam``: return each decision's CAM (for drawing).
+
+class StageRunner:
+    """Runs a bundle pipeline's stages on a backend with an exit policy (see the module docstring).
+
+    ``gate``: an exported gate (its own stages and calibrated policy; default the bundle's); ``threshold``: one
+    value or one per kept internal exit (the calibrated signs stay); ``max_exit``: a kept exit where every frame
+    reaching it leaves; ``full``: the monolithic plain network; ``keep_cam``: each decision carries the CAM of its
+    exit (computed by the exit's small CAM graph for those frames only).
     """
 
-    def __init__(
-        self,
-        bundle: Any,
-        backend: Backend,
-        gate: Optional[str] = None,
-        threshold: Union[None, float, str, Sequence[float]] = None,
-        max_exit: Optional[int] = None,
-        full: bool = False,
-        keep_cam: bool = False,
-    ):
+    def __init__(self, bundle: Any, backend: Backend, gate: Optional[str] = None,
+                 threshold: Union[None, float, str, Sequence[float]] = None, max_exit: Optional[int] = None,
+                 full: bool = False, keep_cam: bool = False) -> None:
         self.bundle = bundle
         self.backend = backend
-        manifest = bundle_manifest(bundle)
-        policy = _bundle_attr(bundle, "policy")
-        if policy is None:
-            policy = ExitPolicy.from_dict(manifest["policy"])
-        self.base_policy: ExitPolicy = policy
-        thresholds = parse_thresholds(threshold) if isinstance(threshold, str) else threshold
-        calibrated = (manifest.get("gate_policies") or {}).get(gate) if gate not in (None, policy.gate) else None
-        if calibrated is not None and thresholds is None:  # that gate's own calibrated thresholds
-            policy, gate = ExitPolicy.from_dict(calibrated), None
-        if gate is not None or thresholds is not None or max_exit is not None:
-            policy = policy.override(gate=gate, thresholds=thresholds, max_exit=max_exit)
-        self.policy: ExitPolicy = policy
+        self.pipeline = bundle.pipeline(gate)
+        self.policy: ExitPolicy = runner_policy(self.pipeline.policy, threshold, max_exit)
         self.full = bool(full)
-        self.keep_cam = bool(keep_cam)
-        # learned-gate weights as arrays once, not per batch (the per-frame path only does arithmetic)
-        self._learned = None if policy.learned is None else [
-            {k: (np.asarray(v, dtype=np.float64) if isinstance(v, (list, tuple)) else v) for k, v in params.items()}
-            for params in policy.learned]
-        self.num_exits = backend.num_exits
-        if self.policy.num_exits != self.num_exits:
-            raise ValueError(f"the policy has {self.policy.num_exits} exits, the backend {self.num_exits}")
-        self.classes = tuple(_bundle_attr(bundle, "classes") or manifest["classes"])
-        pre = _bundle_attr(bundle, "preprocess")
-        if pre is None:
-            inp = manifest["input"]
-            pre = Preprocess(channels=int(inp["shape"][0]), resize=int(inp["resize"]), crop=int(inp["crop"]),
-                             mean=tuple(inp["mean"]), std=tuple(inp["std"]))
-        self.preprocess: Preprocess = pre
-        self.input_shape = tuple(int(v) for v in manifest["input"]["shape"])
-        cumulative = _bundle_attr(bundle, "cumulative_macs") or manifest["costs"]["cumulative_macs"]
-        self.cumulative_macs = tuple(int(v) for v in cumulative)
-        seg_macs = [int(s.get("macs", 0)) for s in sorted(manifest["segments"], key=lambda s: int(s["index"]))]
-        head_macs = [int(h.get("macs", 0)) for h in sorted(manifest["heads"], key=lambda h: int(h["index"]))]
-        reference = _bundle_attr(bundle, "reference_macs") or manifest["costs"].get("reference_macs")
-        self.reference_macs = int(reference or (sum(seg_macs) + head_macs[-1]))
-        self.full_macs = int(sum(seg_macs) + head_macs[-1]) if any(seg_macs) else self.reference_macs
-        names = tuple(_bundle_attr(bundle, "signals") or manifest.get("signals") or SIGNAL_NAMES)
-        missing = [n for n in SIGNAL_NAMES if n not in names]
-        if missing:
-            raise ValueError(f"the bundle's head signals lack {', '.join(missing)}")
-        order = [names.index(n) for n in SIGNAL_NAMES]
-        self._signal_order = None if order == list(range(len(SIGNAL_NAMES))) else np.asarray(order)
-        self._max_prob = SIGNAL_NAMES.index("max_prob")  # column after reordering
-        # the shape of a head's prev_cam when the previous head did not run (full mode)
-        self._prev_cam_shapes: List[Optional[tuple]] = []
-        for head in backend.heads:
-            shape = head.input_shapes.get("prev_cam") if "prev_cam" in head.input_names else None
-            self._prev_cam_shapes.append(None if shape is None else tuple(shape[1:]))
+        self.keep_cam = bool(keep_cam) and not self.full
+        self.classes = tuple(bundle.classes)
+        self.preprocess: Preprocess = bundle.preprocess
+        self.input_shape = tuple(bundle.input_shape)
+        self.num_exits = int(bundle.num_exits)
+        self.reference_macs = int(bundle.reference_macs)
+        self.exits = tuple(self.policy.kept)  # the exit each stage ends at
+        self.exit_macs = tuple(bundle.exit_macs(self.pipeline.gate))
+        spec = gate_spec(self.policy.gate)
+        self.columns = tuple(self.pipeline.signals)
+        self._single = self.policy.gate in SIGNAL_NAMES  # the score is the stage's one signals column
+        self._needs_patience = spec.needs_patience
+        self._learned = [None if p is None else {k: (np.asarray(v, np.float64) if isinstance(v, list) else v)
+                                                  for k, v in p.items()} for p in (self.policy.learned or [])]
+        internal = self.exits[:-1]
+        self._thresholds = [float(self.policy.thresholds[k]) for k in internal]
+        self._signs = [float(self.policy.signs[k]) for k in internal]
+        self._temperature = float(self.policy.temperatures[-1])
+        if self.full:
+            self._mono = backend.engine(bundle.monolithic)
+        else:
+            self._stages = [backend.engine(f) for f in self.pipeline.stages]
+        self._bound: Optional[List[Callable[[], None]]] = None
         self.batches = 0
 
-    # ------------------------------------------------------------------------------------------------------------
-
+    # -- public -----------------------------------------------------------------------------------------------
     @property
     def max_batch(self) -> Optional[int]:
         return self.backend.max_batch
 
     def exit_fraction(self, exit_index: int) -> float:
-        """Cost of leaving at an exit as a fraction of the plain network."""
-        return self.cumulative_macs[exit_index] / self.reference_macs if self.reference_macs else float("nan")
+        """Cost of leaving at an exit (MACs, kept heads included) as a fraction of the plain network."""
+        if self.full:
+            return 1.0
+        if exit_index not in self.exits:
+            return float("nan")
+        return self.exit_macs[self.exits.index(exit_index)] / self.reference_macs
 
     def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 HxWxC frames (any size, 1/3/4 channels) -> float32 NCHW exactly as the manifest states."""
@@ -194,180 +187,228 @@ class ExitRunner:
             return np.zeros((0, *self.input_shape), dtype=np.float32)
         return self.preprocess.normalize(np.stack(crops))
 
-    def warmup(self, batch: int = 1, repeats: int = 2) -> float:
-        """Run every segment and head ``repeats`` times on a zero batch (lazy initialisation, caches, clocks), so
-        the first real frame's latency is not an outlier. Returns the seconds spent."""
-        t0 = time.perf_counter()
-        limit = self.max_batch or batch
-        x = np.zeros((max(1, min(int(batch), limit)), *self.input_shape), dtype=np.float32)
-        for _ in range(max(0, int(repeats))):
-            feats: Any = x
-            cam: Any = None
-            for i in range(self.num_exits):
-                seg, head = self.backend.segments[i], self.backend.heads[i]
-                feats = seg.run({seg.input_names[0]: feats}, outputs=(seg.output_names[0],),
-                                keep=("features",))[seg.output_names[0]]
-                feeds = {"features": feats}
-                if "prev_cam" in head.input_names:
-                    feeds["prev_cam"] = cam if cam is not None else np.zeros((x.shape[0], *self._prev_cam_shapes[i]),
-                                                                              dtype=np.float32)
-                cam = head.run(feeds, outputs=HEAD_OUTPUTS, keep=("cam",))["cam"]
-        return time.perf_counter() - t0
-
     def run_images(self, images: Sequence[np.ndarray]) -> List[Decision]:
         return self.run_batch(self.prepare(images))
 
-    def run_batch(self, x: np.ndarray) -> List[Decision]:
-        """Decisions for a float32 (B, C, H, W) batch, in input order (split by the backend's max batch)."""
+    def warmup(self, batch: int = 1, repeats: int = 2) -> float:
+        """Run every engine ``repeats`` times on zeros at the batch actually used (lazy initialisation, caches,
+        clocks), so the first real frame is not an outlier. Returns the seconds spent."""
+        t0 = time.perf_counter()
+        x = np.zeros((max(1, int(batch)), *self.input_shape), dtype=np.float32)
+        for _ in range(max(0, int(repeats))):
+            if int(batch) <= 1:
+                self._run_one(x[0], force_all=True)
+            else:
+                self._run_batch(x[: self.max_batch or len(x)], force_all=True)
+        return time.perf_counter() - t0
+
+    def run_one(self, x: np.ndarray) -> Decision:
+        """The decision for one preprocessed image (C, H, W): the lean, pre-bound path."""
+        return self._run_one(np.asarray(x, dtype=np.float32))
+
+    def run_batch(self, x: np.ndarray, batch_size: Optional[int] = None) -> List[Decision]:
+        """Decisions for a float32 (B, C, H, W) batch, in input order, run ``batch_size`` (default: all, split by
+        the backend's max batch) frames at a time; batches of 1 take the pre-bound path."""
         x = np.asarray(x)
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"expected a batch of shape (B, {', '.join(map(str, self.input_shape))}), got {x.shape}")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        limit = self.max_batch
-        if limit and x.shape[0] > limit:
-            out: List[Decision] = []
-            for start in range(0, x.shape[0], limit):
-                out += self._run(x[start : start + limit])
-            return out
-        return self._run(x)
+        step = int(batch_size) if batch_size else (self.max_batch or max(1, x.shape[0]))
+        step = min(step, self.max_batch or step)
+        out: List[Decision] = []
+        for start in range(0, x.shape[0], step):
+            part = x[start : start + step]
+            out += [self._run_one(part[0])] if part.shape[0] == 1 else self._run_batch(part)
+        return out
 
-    # ------------------------------------------------------------------------------------------------------------
+    # -- batch 1 ----------------------------------------------------------------------------------------------
+    def _bind(self) -> List[Callable[[], None]]:
+        """Buffers for batch 1, bound once: the frame, each stage's outputs (features feed the next stage)."""
+        backend = self.backend
+        if self.full:
+            mono = self._mono
+            self._in = backend.buffer((1, *self.input_shape), np.float32)
+            self._logits = backend.buffer((1, len(self.classes)), np.float32)
+            return [mono.bind({"input": self._in}, {"logits": self._logits})]
+        calls, self._outs = [], []
+        feed: Buffer = backend.buffer((1, *self.input_shape), np.float32)
+        self._in = feed
+        cam: Optional[Buffer] = None
+        for j, (engine, f) in enumerate(zip(self._stages, self.pipeline.stages)):
+            outs: Dict[str, Buffer] = {}
+            for spec in f.outputs:
+                keep_on_device = spec.name in ("features", "cam") and not (self.keep_cam and spec.name == "features")
+                outs[spec.name] = backend.buffer((1, *spec.static_shape), np.dtype(spec.dtype), host=not keep_on_device)
+            inputs = {f.input_names[0]: feed}
+            if f.has_input("prev_cam"):
+                inputs["prev_cam"] = cam
+            calls.append(engine.bind(inputs, outs))
+            self._outs.append(outs)
+            feed, cam = outs["features"], outs.get("cam")
+        return calls
 
-    def _gate_raw(self, i: int, signals: np.ndarray, patience: np.ndarray) -> Optional[np.ndarray]:
-        """Raw gate scores at exit i (None where the gate has no score there)."""
-        gate = self.policy.gate
-        params = None
-        if gate == "learned":
-            if self._learned is None or i >= len(self._learned):
-                return None
-            params = self._learned[i]
-        return gate_score(gate, signals, patience, params)
-
-    def _run(self, x: np.ndarray) -> List[Decision]:
-        backend, n_exits = self.backend, self.num_exits
-        batch = x.shape[0]
-        self.batches += 1
-        results: List[Optional[Decision]] = [None] * batch
-        if batch == 0:
-            return []
-        spent = np.zeros(batch, dtype=np.float64)  # seconds of inference time attributed to each sample
-        alive = np.arange(batch)  # input positions of the rows in the current batch
-        feats: Any = x
-        prev_cam: Any = None
+    def _run_one(self, x: np.ndarray, force_all: bool = False) -> Decision:
+        if self._bound is None:
+            self._bound = self._bind()
+        t0 = time.perf_counter()
+        np.copyto(self._in.host[0], x)
+        if self.full:
+            return self._decide_full(t0)
+        last = len(self._bound) - 1
         prev_cls: Optional[np.ndarray] = None
-        prev_pat: Optional[np.ndarray] = None
-        last = n_exits - 1
-        keep = ("features",)
+        pat: Optional[np.ndarray] = None
+        score: Optional[float] = None
+        j = 0
+        try:
+            for j, call in enumerate(self._bound):
+                call()
+                if j == last:
+                    score = None
+                    break
+                outs = self._outs[j]
+                if self._single:
+                    score = float(outs["signals"].host[0, 0])
+                else:
+                    cls = outs["class"].host.reshape(-1)
+                    pat = next_patience(pat, prev_cls, cls)
+                    prev_cls = cls.copy()
+                    sig = outs["signals"].host if "signals" in outs else np.zeros((1, 0), np.float32)
+                    score = float(self._score(j, sig, pat)[0])
+                if not force_all and self._signs[j] * score >= self._thresholds[j]:
+                    break
+        except Exception as exc:  # noqa: BLE001 (an engine error fails this frame, the run goes on)
+            return self._failed(j, f"{self.pipeline.stages[j].file}: {type(exc).__name__}: {exc}", t0)
+        outs = self._outs[j]
+        cls = int(outs["class"].host[0])
+        conf = float(outs["confidence"].host[0])
+        k = self.exits[j]
+        reason = self._check(cls, conf, score, self.pipeline.stages[j].file)
+        cam = self._cam(k, outs["features"].host) if self.keep_cam and reason is None else None
+        return Decision(cls, self._label(cls), conf, k, score, (time.perf_counter() - t0) * 1e3,
+                        self.exit_macs[j], reason, None if cam is None else cam[0])
 
-        def finish(rows: np.ndarray, i: int, cls: np.ndarray, sig: np.ndarray, raw: Optional[np.ndarray],
-                   cams: Optional[np.ndarray], reasons: Optional[List[Optional[str]]] = None) -> None:
-            macs = self.full_macs if self.full else self.cumulative_macs[i]
-            for k in rows:
-                pos = int(alive[k])
-                c = int(cls[k])
-                label = self.classes[c] if 0 <= c < len(self.classes) else str(c)
-                reason = reasons[k] if reasons is not None else None
-                results[pos] = Decision(
-                    class_id=c,
-                    label=label,
-                    confidence=float(sig[k, self._max_prob]),
-                    exit_index=i,
-                    gate_score=None if raw is None else float(raw[k]),
-                    cam=None if cams is None else np.array(cams[k], dtype=np.float32),
-                    failed=reason is not None,
-                    reason=reason,
-                    macs=macs,
-                    signals=np.array(sig[k], dtype=np.float32),
-                )
+    def _decide_full(self, t0: float) -> Decision:
+        try:
+            self._bound[0]()
+        except Exception as exc:  # noqa: BLE001
+            return self._failed(self.num_exits - 1, f"{self.bundle.monolithic.file}: {type(exc).__name__}: {exc}", t0)
+        logits = self._logits.host[0]
+        cls, conf = self._softmax_top(logits)
+        reason = self._check(cls, conf, None, self.bundle.monolithic.file)
+        return Decision(cls, self._label(cls), conf, self.num_exits - 1, None, (time.perf_counter() - t0) * 1e3,
+                        self.reference_macs, reason)
 
-        def fail_all(i: int, reason: str) -> None:
-            for k in range(alive.size):
-                pos = int(alive[k])
-                results[pos] = Decision(-1, "", float("nan"), i, None, None, True, reason,
-                                        macs=self.full_macs if self.full else self.cumulative_macs[i])
-
-        for i in range(n_exits):
-            # ---- segment i
-            seg = backend.segments[i]
+    # -- batches ----------------------------------------------------------------------------------------------
+    def _run_batch(self, x: np.ndarray, force_all: bool = False) -> List[Decision]:
+        self.batches += 1
+        n = x.shape[0]
+        results: List[Optional[Decision]] = [None] * n
+        spent = np.zeros(n, dtype=np.float64)
+        if self.full:
             t0 = time.perf_counter()
             try:
-                out = seg.run({seg.input_names[0]: feats}, outputs=(seg.output_names[0],), keep=keep)
-            except Exception as exc:  # noqa: BLE001 (an engine error fails these frames, the run goes on)
-                spent[alive] += (time.perf_counter() - t0) / alive.size
-                fail_all(i, _one_line(f"{seg.name}: {type(exc).__name__}: {exc}"))
-                break
-            feats = out[seg.output_names[0]]
-            spent[alive] += (time.perf_counter() - t0) / alive.size
-            if self.full and i < last:
-                continue
-            # ---- head i
-            head = backend.heads[i]
+                logits = self._mono.run({"input": x}, ["logits"])["logits"]
+            except Exception as exc:  # noqa: BLE001
+                reason = _one_line(f"{self.bundle.monolithic.file}: {type(exc).__name__}: {exc}")
+                return [Decision(-1, "", float("nan"), self.num_exits - 1, failed=reason, macs=self.reference_macs)
+                        for _ in range(n)]
+            share = (time.perf_counter() - t0) * 1e3 / n
+            out = []
+            for row in logits:
+                cls, conf = self._softmax_top(row)
+                out.append(Decision(cls, self._label(cls), conf, self.num_exits - 1, None, share, self.reference_macs,
+                                    self._check(cls, conf, None, self.bundle.monolithic.file)))
+            return out
+        alive = np.arange(n)
+        feats: np.ndarray = x
+        prev_cam: Optional[np.ndarray] = None
+        prev_cls: Optional[np.ndarray] = None
+        pat: Optional[np.ndarray] = None
+        last = len(self._stages) - 1
+        for j, (engine, f) in enumerate(zip(self._stages, self.pipeline.stages)):
             t0 = time.perf_counter()
-            feeds = {"features": feats}
-            if "prev_cam" in head.input_names:
-                if prev_cam is None:  # full mode: the previous head did not run
-                    shape = self._prev_cam_shapes[i]
-                    prev_cam = np.zeros((alive.size, *shape), dtype=np.float32)
+            feeds = {f.input_names[0]: feats}
+            if f.has_input("prev_cam"):
                 feeds["prev_cam"] = prev_cam
             try:
-                hout = head.run(feeds, outputs=HEAD_OUTPUTS, keep=("cam",))
-                cls = np.asarray(backend.to_host(hout["class"])).astype(np.int64).reshape(-1)
-                sig = np.asarray(backend.to_host(hout["signals"]), dtype=np.float32)
-                cam_dev = hout["cam"]
-                if self._signal_order is not None:
-                    sig = sig[:, self._signal_order]
+                out = engine.run(feeds)
             except Exception as exc:  # noqa: BLE001
                 spent[alive] += (time.perf_counter() - t0) / alive.size
-                fail_all(i, _one_line(f"{head.name}: {type(exc).__name__}: {exc}"))
+                for pos in alive:
+                    results[pos] = Decision(-1, "", float("nan"), self.exits[j], failed=_one_line(
+                        f"{f.file}: {type(exc).__name__}: {exc}"), macs=self.exit_macs[j])
                 break
-            bad = ~np.all(np.isfinite(sig), axis=1) | (cls < 0) | (cls >= len(self.classes))
-            pat = next_patience(prev_pat, prev_cls, cls)
-            raw = None if self.full else self._gate_raw(i, sig, pat)  # computed once: decision and report
-            if i == last:
-                leave = np.ones(alive.size, dtype=bool)
+            cls = out["class"].astype(np.int64).reshape(-1)
+            conf = out["confidence"].reshape(-1)
+            scores: Optional[np.ndarray] = None
+            if j < last:
+                if self._single:
+                    scores = out["signals"][:, 0].astype(np.float64)
+                else:
+                    pat = next_patience(pat, prev_cls, cls)
+                    scores = self._score(j, out.get("signals", np.zeros((cls.size, 0), np.float32)), pat)
+                with np.errstate(invalid="ignore"):
+                    leave = (self._signs[j] * scores >= self._thresholds[j]) if not force_all else np.zeros(cls.size, bool)
             else:
-                leave = np.asarray(self.policy.passes(i, raw), dtype=bool)
-            leave = leave | bad
-            cams = backend.to_host(cam_dev) if self.keep_cam and leave.any() else None  # only when drawn
+                leave = np.ones(cls.size, dtype=bool)
             spent[alive] += (time.perf_counter() - t0) / alive.size
-            reasons: Optional[List[Optional[str]]] = None
-            if bad.any():
-                reasons = [
-                    _nonfinite_reason(head.name, sig[k], int(cls[k]), len(self.classes)) if bad[k] else None
-                    for k in range(alive.size)
-                ]
-            finish(np.flatnonzero(leave), i, cls, sig, raw, cams, reasons)
+            rows = np.flatnonzero(leave)
+            cams = self._cam(self.exits[j], out["features"][rows]) if self.keep_cam and rows.size else None
+            for r_i, r in enumerate(rows):
+                score = None if scores is None else float(scores[r])
+                c = int(cls[r])
+                reason = self._check(c, float(conf[r]), score, f.file)
+                results[alive[r]] = Decision(c, self._label(c), float(conf[r]), self.exits[j], score, 0.0,
+                                             self.exit_macs[j], reason, None if cams is None else cams[r_i])
             stay = np.flatnonzero(~leave)
             if stay.size == 0:
                 break
-            if stay.size < alive.size:  # compaction: only the samples that go on run the next segment
-                feats = backend.take(feats, stay)
-                prev_cam = backend.take(cam_dev, stay)
-                cls, pat = cls[stay], pat[stay]
-                alive = alive[stay]
-            else:
-                prev_cam = cam_dev
-            prev_cls, prev_pat = cls, pat
+            feats = out["features"][stay]
+            prev_cam = out["cam"][stay] if "cam" in out else None
+            prev_cls = cls[stay]
+            pat = None if pat is None else pat[stay]
+            alive = alive[stay]
         for pos, d in enumerate(results):
-            if d is not None:
-                d.latency_ms = float(spent[pos] * 1000.0)
-        missing = [pos for pos, d in enumerate(results) if d is None]
-        if missing:  # cannot happen unless an engine misbehaves; never return holes
-            for pos in missing:
-                results[pos] = Decision(-1, "", float("nan"), last, failed=True, reason="no exit reached",
-                                        latency_ms=float(spent[pos] * 1000.0))
+            if d is None:  # cannot happen unless an engine misbehaves; never return holes
+                results[pos] = d = Decision(-1, "", float("nan"), self.exits[-1], failed="no exit reached")
+            d.latency_ms = float(spent[pos] * 1e3)
         return results  # type: ignore[return-value]
 
+    # -- shared pieces ----------------------------------------------------------------------------------------
+    def _score(self, j: int, signals: np.ndarray, patience: Optional[np.ndarray]) -> np.ndarray:
+        k = self.exits[j]
+        params = self._learned[k] if self.policy.gate == "learned" else None
+        return gate_score(self.policy.gate, signals, patience, params, columns=self.columns)
 
-def _nonfinite_reason(name: str, sig: np.ndarray, cls: int, num_classes: int) -> str:
-    if not np.all(np.isfinite(sig)):
-        bad = [SIGNAL_NAMES[j] for j in range(min(len(sig), len(SIGNAL_NAMES))) if not math.isfinite(float(sig[j]))]
-        return f"non-finite output of {name} (signals: {', '.join(bad)})"
-    return f"invalid class {cls} from {name} ({num_classes} classes)"
+    def _softmax_top(self, logits: np.ndarray) -> tuple:
+        z = np.asarray(logits, np.float64) / self._temperature
+        cls = int(np.argmax(z))
+        e = np.exp(z - z[cls])
+        return cls, float(1.0 / e.sum())
+
+    def _cam(self, exit_index: int, features: np.ndarray) -> Optional[np.ndarray]:
+        f = self.pipeline.cam(exit_index)
+        if f is None:
+            return None
+        return self.backend.engine(f).run({"features": np.ascontiguousarray(features)}, ["cam"])["cam"]
+
+    def _check(self, cls: int, conf: float, score: Optional[float], file: str) -> Optional[str]:
+        if not math.isfinite(conf) or (score is not None and not math.isfinite(score)):
+            return f"non-finite output of {file}"
+        if not 0 <= cls < len(self.classes):
+            return f"invalid class {cls} from {file} ({len(self.classes)} classes)"
+        return None
+
+    def _failed(self, j: int, reason: str, t0: float) -> Decision:
+        k = self.exits[j] if not self.full else self.num_exits - 1
+        return Decision(-1, "", float("nan"), k, None, (time.perf_counter() - t0) * 1e3,
+                        self.reference_macs if self.full else self.exit_macs[j], _one_line(reason))
+
+    def _label(self, cls: int) -> str:
+        return self.classes[cls] if 0 <= cls < len(self.classes) else str(cls)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())[:300]
+ExitRunner = StageRunner  # the name earlier releases used
 
 
 # --------------------------------------------------------------------------------------------------------------
