@@ -19,6 +19,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError)
 
 
+def _gate_list() -> str:
+    from .gates import GATES  # numpy only: cheap enough for --help
+
+    return ", ".join(GATES)
+
+
+GATE_LIST = _gate_list()
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
@@ -239,17 +248,19 @@ def run(
     save: Optional[Path] = typer.Option(None, "--save", help="Save annotated frames (label, exit, CAM overlay) here: "
                                         "PNGs for images, a video for video and camera inputs."),
     batch: int = typer.Option(1, "--batch", min=1, help="Frames per batch (samples that exit leave the batch)."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="Use another gate: its calibrated thresholds from the bundle, or --threshold: "
-                                       "max_prob, margin, entropy_conf, sal_entropy, sal_spread, coh_cosine, "
-                                       "coh_ssim, patience, learned."),
-    threshold: Optional[str] = typer.Option(None, "--threshold", help="Override thresholds: one value for every "
-                                            "internal exit, or T1,T2,... one per internal exit."),
-    max_exit: Optional[int] = typer.Option(None, "--max-exit", help="Leave at this exit at the latest."),
-    full: bool = typer.Option(False, "--full", help="Plain-network baseline: every segment, only the last head."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="Use another exported gate: its own stages and "
+                                       "calibrated policy (export it with --gates). Gates: " + GATE_LIST + "."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help="Override thresholds (the calibrated signs "
+                                            "stay): one value for every kept internal exit, or T1,T2,... one per "
+                                            "kept internal exit."),
+    max_exit: Optional[int] = typer.Option(None, "--max-exit", help="Leave at this (kept) exit at the latest."),
+    full: bool = typer.Option(False, "--full", help="Plain-network baseline: the monolithic full.onnx, one call "
+                                "per frame."),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ONNX Runtime providers in order, e.g. "
                                             "tensorrt,cuda,cpu (default: the best available)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads per ONNX Runtime session (default: the CPUs available)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads per ONNX Runtime session (default 1: "
+                                "a chain runs sessions one after another, and more threads per session contend)."),
     loop: bool = typer.Option(False, "--loop", help="Restart files, folders and videos at the end."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=0, help="Stop after this many frames."),
     width: Optional[int] = typer.Option(None, "--width", help="Camera capture width."),
@@ -257,19 +268,19 @@ def run(
     fps: Optional[float] = typer.Option(None, "--fps", help="Camera capture frame rate."),
     quiet: bool = typer.Option(False, "--quiet", help="No informational lines on stderr (warnings and the summary stay)."),
 ) -> None:
-    """Classify frames with a bundle, chaining per-segment engines and really stopping at the first exit whose
-    gate allows it (works without torch). One JSON line per frame; a summary table at the end (on stderr when the
+    """Classify frames with a bundle, chaining its stage engines (one per kept exit) and really stopping at the
+    first exit whose gate allows it (works without torch). One JSON line per frame; a summary table at the end (on stderr when the
     lines go to stdout), also on Ctrl-C / SIGTERM (exit code 130)."""
     from .runtime.backends import BackendError
     from .runtime.bundle import BundleError
-    from .runtime.chain import run_command
+    from .runtime.commands import RunOptions, run_command
     from .runtime.sources import SourceError
 
     try:
-        code = run_command(bundle, source, out=str(out) if out else None, save=str(save) if save else None,
-                           batch=batch, gate=gate, threshold=threshold, max_exit=max_exit, full=full, backend=backend,
-                           providers=providers, threads=threads, loop=loop, max_frames=max_frames, width=width,
-                           height=height, fps=fps, quiet=quiet)
+        code = run_command(RunOptions(
+            bundle, source, out=str(out) if out else None, save=str(save) if save else None, batch=batch, gate=gate,
+            threshold=threshold, max_exit=max_exit, full=full, backend=backend, providers=providers, threads=threads,
+            loop=loop, max_frames=max_frames, width=width, height=height, fps=fps, quiet=quiet))
     except (BundleError, SourceError, BackendError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -309,9 +320,13 @@ def export(
     calib_images: int = typer.Option(256, help="INT8: number of calibration images."),
     calib_data: Optional[Path] = typer.Option(None, help="INT8: folder of calibration images (default: the checkpoint's validation split)."),
     max_batch: int = typer.Option(32, help="TensorRT: largest batch of the engines' optimization profile."),
+    gates: Optional[str] = typer.Option(None, "--gates", help="More calibrated gates to export beside the "
+                                        "checkpoint's winner (comma-separated), so run --gate can switch to them: "
+                                        + GATE_LIST + "."),
 ) -> None:
-    """Export a checkpoint to a bundle: per-segment and per-exit ONNX files, full.onnx and manifest.json (checked
-    against torch with ONNX Runtime); --tensorrt also builds engines, or (re)builds them for an existing bundle."""
+    """Export a checkpoint to a bundle: per exported gate one stage graph per kept exit (segments + head, only the
+    gate's signals) and a CAM graph per kept exit, full.onnx and manifest.json (checked against torch with ONNX
+    Runtime); --tensorrt also builds engines, or (re)builds them for an existing bundle."""
     from .export.command import export_command
     from .export.summary import print_bundle_table
     from .export.tensorrt import TensorRTError
@@ -320,7 +335,7 @@ def export(
         bundle = export_command(
             ckpt, out, force=force, opset=opset, samples=samples, check=not no_check, tensorrt=tensorrt, fp16=fp16,
             int8=int8, calib_images=calib_images, calib_data=calib_data, max_batch=max_batch,
-            echo=lambda m: typer.echo(m), warn=lambda m: typer.echo(f"edgeexit: warning: {m}", err=True),
+            gates=[g.strip() for g in gates.split(",") if g.strip()] if gates else None, echo=lambda m: typer.echo(m), warn=lambda m: typer.echo(f"edgeexit: warning: {m}", err=True),
         )
     except (TensorRTError, *USER_ERRORS) as exc:
         fail(str(exc))

@@ -32,6 +32,7 @@ def export_command(
     calib_images: int = 256,
     calib_data: Optional[Path] = None,
     max_batch: int = 32,
+    gates: Optional[list] = None,
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = print,
 ) -> Bundle:
@@ -66,7 +67,8 @@ def export_command(
                              "on the device, build engines from an exported bundle: edgeexit export --tensorrt BUNDLE") from None
         from .onnx_export import export_bundle, validation_inputs
 
-        bundle_dir = export_bundle(ckpt, out, force=force, opset=opset, samples=samples, check=check, log=echo)
+        bundle_dir = export_bundle(ckpt, out, force=force, opset=opset, samples=samples, check=check, gates=gates,
+                                   log=echo)
         if tensorrt and int8 and calibration is None:
             from ..checkpoint import load_checkpoint
             from ..preprocess import Preprocess

@@ -16,49 +16,54 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
 def bundle_rows(bundle: Bundle) -> List[Dict[str, Any]]:
-    """One row per model file: file, MACs, params, size (bytes), parity (kind -> max abs error) and engine."""
-    per_file: Dict[str, Dict[str, float]] = ((bundle.checks or {}).get("per_file") or {})
+    """One row per ONNX file: pipeline, file, exit, MACs, params, size (bytes), parity (kind -> max abs error)
+    and engine."""
     rows = []
-    for f in bundle.files():
-        size = f.path.stat().st_size if f.path.is_file() else 0
-        rows.append({
-            "file": f.file, "macs": f.macs, "params": f.params, "size": size,
-            "parity": dict(per_file.get(f.file, {})),
-            "engine": None if f.engine is None else f"{f.engine.file} ({f.engine.precision})",
-        })
+    for gate, pipe in bundle.pipelines.items():
+        per_file: Dict[str, Dict[str, float]] = ((pipe.checks or {}).get("per_file") or {})
+        for f in pipe.files():
+            rows.append(_row(gate, f, per_file.get(f.file, {})))
+    mono = ((bundle.checks or {}).get("monolithic") or {})
+    rows.append(_row("-", bundle.monolithic, dict(mono)))
     return rows
 
 
+def _row(gate: str, f: Any, parity: Dict[str, float]) -> Dict[str, Any]:
+    return {"gate": gate, "file": f.file, "exit": None if f.exit < 0 else f.exit, "macs": f.macs, "params": f.params,
+            "size": f.path.stat().st_size if f.path.is_file() else 0, "parity": dict(parity),
+            "engine": None if f.engine is None else f"{f.engine.file} ({f.engine.precision})"}
+
+
 def print_bundle_table(bundle: Bundle, console: Optional[Any] = None) -> None:
+    """One row per file (the parity figures were printed by the export as it checked them)."""
     from rich.console import Console
     from rich.table import Table
 
     rows = bundle_rows(bundle)
-    checks = bundle.checks or {}
-    title = f"bundle {bundle.path}: {bundle.num_exits} exits, {bundle.num_classes} classes, policy {bundle.policy.gate}"
-    table = Table(title=title)
-    for col in ("file", "MACs", "params", "size", "max |ONNX Runtime - torch|"):
-        table.add_column(col, justify="left" if col in ("file", "max |ONNX Runtime - torch|") else "right")
+    title = (f"bundle {bundle.path.name}: {bundle.num_classes} classes, gates {', '.join(bundle.pipelines)} "
+             f"(default {bundle.default_gate})")
+    table = Table(title=title, title_justify="left")
+    for col in ("file", "exit", "MACs", "params", "size", "max |ORT - torch|"):
+        table.add_column(col, justify="left" if col in ("file", "max |ORT - torch|") else "right")
     with_engines = any(r["engine"] for r in rows)
     if with_engines:
         table.add_column("TensorRT engine")
     for r in rows:
-        parity = ", ".join(f"{k} {v:.1e}" for k, v in r["parity"].items()) if r["parity"] else "not checked"
-        cells = [r["file"], _human(r["macs"]), _human(r["params"]), _human(r["size"], "B"), parity]
+        parity = ", ".join(f"{k} {v:.0e}" for k, v in r["parity"].items()) if r["parity"] else "-"
+        cells = [r["file"], "-" if r["exit"] is None else str(r["exit"]), _human(r["macs"]), _human(r["params"]),
+                 _mb(r["size"]), parity]
         if with_engines:
             cells.append(r["engine"] or "-")
         table.add_row(*cells)
     console = console or Console()
     console.print(table)
-    if checks:
-        d = checks.get("decisions", {})
-        worst = checks.get("max_abs_error", {})
-        console.print(
-            f"parity on {checks.get('samples')} {checks.get('inputs')} inputs (tolerance {checks.get('tolerance')}): "
-            + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
-            + f"; chained decisions {d.get('equal')}/{d.get('compared')} equal ({d.get('near_threshold')} near a threshold)"
-        )
-    total = sum(r["size"] for r in rows)
-    console.print(f"total {_human(total, 'B')}; plain network {_human(bundle.reference_macs)} MACs; "
-                  f"leaving at exit i costs {', '.join(f'{100 * c:.0f}%' for c in bundle.cumulative_fraction)}")
+    for gate, pipe in bundle.pipelines.items():
+        fractions = [m / bundle.reference_macs for m in bundle.exit_macs(gate)]
+        console.print(f"{gate}: stages end at exits {', '.join(map(str, pipe.kept))}; leaving there costs "
+                      f"{', '.join(f'{100 * c:.0f}%' for c in fractions)} of the plain network's "
+                      f"{_human(bundle.reference_macs)} MACs")

@@ -2,14 +2,16 @@
 
 ::
 
-    from edgeexit.runtime import load_bundle, open_backend, ExitRunner
+    from edgeexit.runtime import load_bundle, open_backend, StageRunner
     bundle = load_bundle("bundle/")
-    runner = ExitRunner(bundle, open_backend(bundle, "auto"), threshold=0.8)
+    runner = StageRunner(bundle, open_backend(bundle))
     decisions = runner.run_images(frames)          # uint8 HxWxC frames -> list[Decision]
+    decisions[0].to_dict()                         # the JSON-line fields: class_id, label, confidence, exit, ...
 
-Modules: ``bundle`` (load and check a bundle), ``backends`` (ONNX Runtime; ``tensorrt_backend`` for TensorRT),
-``chain`` (ExitRunner, Decision), ``sources`` (input URIs), ``outputs`` (JSON lines, annotated frames),
-``summary`` (run statistics), ``meters`` (power), ``doctor`` (environment report).
+Modules: ``bundle`` (load and check a bundle), ``engine`` (the engine interface), ``backends`` (ONNX Runtime;
+``tensorrt_backend`` for TensorRT), ``chain`` (StageRunner, Decision), ``sources`` (input URIs), ``outputs``
+(JSON lines, annotated frames), ``summary`` (run statistics), ``meters`` (power), ``commands`` (the command
+layer), ``doctor`` (environment report).
 Nothing here imports torch; tensorrt, pycuda and cv2 are imported only when used.
 """
 
@@ -25,7 +27,8 @@ _LAZY = {
     "open_backend": "backends", "resolve_providers": "backends",
     "TensorRTBackend": "tensorrt_backend",
     "Bundle": "bundle", "BundleError": "bundle", "load_bundle": "bundle",
-    "Decision": "chain", "ExitRunner": "chain", "parse_thresholds": "chain", "run_source": "chain",
+    "Decision": "chain", "ExitRunner": "chain", "StageRunner": "chain", "RunOptions": "commands",
+    "run_command": "commands", "Pipeline": "bundle", "Buffer": "engine", "parse_thresholds": "chain", "run_source": "chain",
     "Frame": "sources", "Source": "sources", "SourceError": "sources", "open_source": "sources",
     "RunStats": "summary",
 }

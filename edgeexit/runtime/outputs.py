@@ -52,7 +52,7 @@ def frame_record(frame: Any, decision: Any, classes: Optional[Tuple[str, ...]] =
     rec["class_id"] = None if failed else int(decision.class_id)
     rec["label"] = None if failed else decision.label
     rec["confidence"] = None if failed else _num(decision.confidence)
-    rec["exit"] = int(decision.exit_index)
+    rec["exit"] = int(decision.exit)
     rec["gate_score"] = None if failed else _num(decision.gate_score)
     rec["latency_ms"] = _num(decision.latency_ms, 4)
     rec["macs"] = int(decision.macs)
@@ -61,7 +61,7 @@ def frame_record(frame: Any, decision: Any, classes: Optional[Tuple[str, ...]] =
         if classes is not None and 0 <= int(frame.label) < len(classes):
             rec["true_label"] = classes[int(frame.label)]
         rec["correct"] = (not failed) and int(decision.class_id) == int(frame.label)
-    rec["failed"] = decision.reason if failed else None
+    rec["failed"] = decision.failed if failed else None
     return rec
 
 
@@ -183,9 +183,9 @@ def annotate(
     if (top, left, bottom, right) != (0, 0, pil.height, pil.width):
         draw.rectangle([left, top, right - 1, bottom - 1], outline=(255, 255, 255), width=max(1, pil.width // 400))
     if decision.failed:
-        text = f"FAILED: {decision.reason or ''}"[:80]
+        text = f"FAILED: {decision.failed or ''}"[:80]
     else:
-        text = f"{decision.label} {100 * float(decision.confidence):.0f}%  exit {decision.exit_index}"
+        text = f"{decision.label} {100 * float(decision.confidence):.0f}%  exit {decision.exit}"
     size = max(12, pil.height // 24)
     font = _font(size)
     bar = int(size * 1.6)

@@ -418,7 +418,7 @@ class Profiler:
                 decisions = runner.run_batch(xb)
                 batch_ms.append((time.perf_counter_ns() - t0) / 1e6)
                 for d in decisions:
-                    exits.append(int(d.exit_index))
+                    exits.append(int(d.exit))
                     failed += int(bool(d.failed))
                     if labels is not None:
                         correct += int(d.class_id == labels[len(exits) - 1])
@@ -874,7 +874,7 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def _resolve_paths(bundle_path: Optional[str], source_uri: Optional[str]) -> Tuple[str, str, bool]:
     """Bundle and source as ``edgeexit run`` resolves them (the demo bundle / samples by default)."""
-    from .chain import resolve_inputs  # noqa: PLC0415
+    from .commands import resolve_inputs  # noqa: PLC0415
 
     return resolve_inputs(bundle_path, source_uri)
 

@@ -111,10 +111,10 @@ class RunStats:
             self.labelled += 1
         if decision.failed:
             self.failed += 1
-            key = (decision.reason or "failed").split(" (")[0]
+            key = (decision.failed or "failed").split(" (")[0]
             self.failure_reasons[key] = self.failure_reasons.get(key, 0) + 1
             return
-        i = int(decision.exit_index)
+        i = int(decision.exit)
         if 0 <= i < self.num_exits:
             self.exit_counts[i] += 1
         if label is not None and int(decision.class_id) == int(label):
@@ -185,6 +185,9 @@ class RunStats:
         ]
         decided = max(self.decided, 1)
         for i, n in enumerate(self.exit_counts):
+            fraction = self.exit_fractions[i] if self.exit_fractions is not None and i < len(self.exit_fractions) else 0.0
+            if not self.full and n == 0 and fraction != fraction:  # nan: an exit the deployed stages do not keep
+                continue
             cost = ""
             if self.exit_fractions is not None and not self.full and i < len(self.exit_fractions):
                 cost = f", {100 * self.exit_fractions[i]:.1f}% MACs"
