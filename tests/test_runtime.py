@@ -1,7 +1,7 @@
-"""The torch-free runtime: backends, the exit chain, TensorRT bookkeeping (with fakes), outputs and memory.
+"""The torch-free runtime: backends, the stage chain (batch 1 and batches), overrides, failures, outputs, memory.
 
 The reference for every decision is the torch model of ``tiny_ckpt``: its heads' logits and CAMs -> the numpy gate
-signals (``gates.exit_signals``) -> ``ExitPolicy.decide``, on the same preprocessed images.
+signals against the previous *kept* exit (``gates.exit_signals``) -> ``ExitPolicy.decide``, on the same images.
 """
 
 from __future__ import annotations
@@ -11,22 +11,23 @@ import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from edgeexit.gates import exit_signals, gate_score, patience_counts, softmax
+from edgeexit.gates import SIGNAL_NAMES, exit_signals, gate_score, patience_counts, softmax
+from edgeexit.policy import ExitPolicy
 from edgeexit.runtime.backends import (
-    Backend, BackendError, Engine, OrtBackend, best_providers, open_backend, resolve_providers, session_options,
+    BackendError, OrtBackend, best_providers, open_backend, resolve_providers, session_options,
 )
-from edgeexit.runtime.bundle import load_bundle
-from edgeexit.runtime.chain import Decision, ExitRunner, parse_thresholds, run_source
+from edgeexit.runtime.bundle import BundleError, load_bundle
+from edgeexit.runtime.chain import Decision, StageRunner, parse_thresholds, run_source
+from edgeexit.runtime.engine import Engine
 from edgeexit.runtime.outputs import FrameSaver, JsonlWriter, annotate, crop_box, frame_record, jet
 from edgeexit.runtime.sources import Frame
 from edgeexit.runtime.summary import LatencyStats, RunStats
-from edgeexit.runtime import tensorrt_backend as trtb
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def bundle(bundle_dir):
 
 @pytest.fixture(scope="module")
 def ort_backend(bundle):
-    backend = OrtBackend(bundle, providers="cpu", threads=1)
+    backend = open_backend(bundle, "onnxruntime", providers="cpu", threads=1)
     yield backend
     backend.close()
 
@@ -84,25 +85,31 @@ def torch_model(tiny_ckpt):
     return model
 
 
-def torch_exit_outputs(model, x: np.ndarray, temperatures):
-    """Per exit: torch logits, CAMs, and the numpy gate signals (the reference the runtime must match)."""
+@pytest.fixture(scope="module")
+def x(bundle, images):
+    return bundle.preprocess.normalize(np.stack([bundle.preprocess.resize_and_crop(np.asarray(i)) for i in images]))
+
+
+def torch_outputs(model, x: np.ndarray, temperatures, kept: Sequence[int]):
+    """Per exit torch logits and CAMs; the numpy gate signals of the kept exits against the previous kept one."""
     import torch
 
     with torch.no_grad():
         outs = model.forward_exits(torch.from_numpy(x))
     logits = [o.logits.numpy().astype(np.float64) for o in outs]
     cams = [o.cam.numpy().astype(np.float64) for o in outs]
-    signals = np.stack(
-        [exit_signals(logits[i], cams[i], cams[i - 1] if i else None, temperatures[i]) for i in range(len(outs))],
-        axis=1,
-    )
-    classes = np.stack([l.argmax(axis=1) for l in logits], axis=1)
+    signals = np.zeros((len(x), len(outs), len(SIGNAL_NAMES)), dtype=np.float32)
+    prev = None
+    for k in kept:
+        signals[:, k] = exit_signals(logits[k], cams[k], None if prev is None else cams[prev], temperatures[k])
+        prev = k
+    classes = np.stack([lg.argmax(axis=1) for lg in logits], axis=1)
     return logits, cams, signals, classes
 
 
-def gap_thresholds(scores: np.ndarray, targets=(0.75, 0.6, 0.5, 0.5, 0.5, 0.5)) -> List[float]:
-    """Per internal exit, a threshold in the middle of a wide gap between calibration scores near the target
-    quantile, so decisions are far from ties (the exported graphs and torch differ by ~1e-7)."""
+def gap_thresholds(scores: np.ndarray, targets=(0.7, 0.55, 0.5, 0.5, 0.5, 0.5)) -> List[float]:
+    """Per column, a threshold in the middle of a wide gap between scores near the target quantile, so
+    decisions are far from ties (the exported graphs and torch differ by ~1e-7)."""
     out = []
     for i in range(scores.shape[1]):
         s = np.unique(scores[:, i])
@@ -121,12 +128,37 @@ def gap_thresholds(scores: np.ndarray, targets=(0.75, 0.6, 0.5, 0.5, 0.5, 0.5)) 
 def assert_same_decisions(a: List[Decision], b: List[Decision], atol: float = 1e-5) -> None:
     assert len(a) == len(b)
     for k, (da, db) in enumerate(zip(a, b)):
-        assert (da.class_id, da.exit_index, da.failed) == (db.class_id, db.exit_index, db.failed), k
+        assert (da.class_id, da.exit, bool(da.failed)) == (db.class_id, db.exit, bool(db.failed)), k
         assert da.confidence == pytest.approx(db.confidence, abs=atol), k
         if da.gate_score is None or db.gate_score is None:
             assert da.gate_score is None and db.gate_score is None
         else:
             assert da.gate_score == pytest.approx(db.gate_score, abs=atol), k
+
+
+_EXPORTED: Dict[tuple, Path] = {}
+
+
+def gate_bundle(tmp_path_factory, tiny_ckpt, gate: str, exits: Optional[Sequence[int]], thresholds: Sequence[float],
+                temperatures: Optional[Sequence[float]] = None, learned=None) -> Path:
+    """``tiny_ckpt`` exported with a hand-made policy of ``gate`` keeping ``exits`` (thresholds per kept exit)."""
+    from edgeexit.export import export_bundle
+    from edgeexit.checkpoint import load_model
+
+    model, _ = load_model(tiny_ckpt)
+    e = model.num_exits
+    kept = list(range(e - 1)) if exits is None else list(exits)
+    full = [math.inf] * (e - 1)
+    for k, t in zip(kept, thresholds):
+        full[k] = t
+    policy = ExitPolicy(gate, full, [1.0] * (e - 1), list(temperatures or [1.0] * e), learned=learned,
+                        exits=None if exits is None else list(exits))
+    key = (gate, tuple(kept), tuple(np.round(thresholds, 9)))
+    if key not in _EXPORTED:
+        out = tmp_path_factory.mktemp(f"bundle_{gate}") / "bundle"
+        export_bundle(tiny_ckpt, out, policy=policy, samples=16, log=lambda _m: None)
+        _EXPORTED[key] = out
+    return _EXPORTED[key]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,26 +199,26 @@ def test_session_options_low_latency():
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert so.intra_op_num_threads == 2
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # spinning off by default
     with pytest.raises(BackendError):
         session_options(threads=0)
 
 
-def test_ort_backend_engines(bundle, ort_backend):
-    assert ort_backend.num_exits == bundle.num_exits
-    assert ort_backend.providers == ["CPUExecutionProvider"]
-    assert ort_backend.segments[0].input_names == ["input"]
-    assert ort_backend.segments[1].input_names == ["features_in"]
-    assert set(ort_backend.heads[1].input_names) == {"features", "prev_cam"}
-    assert {"class", "signals", "cam"} <= set(ort_backend.heads[0].output_names)
-    assert "onnxruntime" in ort_backend.describe()
-
-
-def test_open_backend_kinds(bundle):
+def test_open_backend_opens_the_pipelines_stages(bundle):
     with pytest.raises(BackendError, match="unknown backend"):
         open_backend(bundle, "magic")
     backend = open_backend(bundle, "onnxruntime", providers="cpu")
-    assert isinstance(backend, OrtBackend)
-    backend.close()
+    try:
+        assert isinstance(backend, OrtBackend) and backend.threads == 1  # one intra-op thread by default
+        stages = [backend.engine(f) for f in bundle.pipeline().stages]
+        assert stages[0].input_names == ["input"] and stages[1].input_names == ["features_in"]
+        assert stages[0].output_names == ["features", "class", "confidence", "signals"]
+        assert stages[-1].output_names == ["features", "class", "confidence"]  # the last exit decides nothing
+        assert "onnxruntime" in backend.describe()
+    finally:
+        backend.close()
+    with pytest.raises(BackendError, match="--threads"):
+        open_backend(bundle, "onnxruntime", providers="cpu", threads=10_000)
     try:
         import tensorrt  # noqa: F401
         import pycuda  # noqa: F401
@@ -202,142 +234,125 @@ def test_open_backend_kinds(bundle):
 # the chain against the torch model
 
 
-@pytest.fixture(scope="module")
-def reference(bundle, ort_backend, images, torch_model):
-    """(x, logits per exit, signals (B, E, 7), classes (B, E)) of the torch model on the preprocessed images."""
-    x = ExitRunner(bundle, ort_backend).prepare(images)
-    logits, _cams, signals, classes = torch_exit_outputs(torch_model, x, bundle.policy.temperatures)
-    return x, logits, signals, classes
-
-
-@pytest.mark.parametrize("gate", ["max_prob", "coh_cosine", "patience"])
-def test_runtime_decisions_equal_torch_model(bundle, ort_backend, images, reference, gate):
-    x, logits, signals, classes = reference
-    temps = bundle.policy.temperatures
-    e = bundle.num_exits
+@pytest.mark.parametrize("gate,exits", [("max_prob", None), ("margin", (0, 2)), ("coh_cosine", (0, 1, 2)),
+                                        ("coh_ssim", (1, 2)), ("patience", (0, 1, 2)), ("sal_entropy", (1,))])
+def test_runtime_decisions_equal_torch_model(tmp_path_factory, tiny_ckpt, torch_model, x, gate, exits):
+    e = torch_model.num_exits
+    kept = list(range(e - 1)) if exits is None else list(exits)
+    temps = [1.0] * e
+    logits, cams, signals, classes = torch_outputs(torch_model, x, temps, kept + [e - 1])
+    pat = np.zeros(classes.shape, np.int64)
+    pat[:, kept + [e - 1]] = patience_counts(classes[:, kept + [e - 1]])
     if gate == "patience":
-        thresholds = [1.5] * (e - 1)  # integers: no ties
+        thresholds = [1.5] * len(kept)  # integers: no ties
     else:
-        scores = np.stack([gate_score(gate, signals[:, i], None) for i in range(e - 1)], axis=1)
+        scores = np.stack([gate_score(gate, signals[:, k], pat[:, k]) for k in kept], axis=1)
         thresholds = gap_thresholds(scores)
-    runner = ExitRunner(bundle, ort_backend, gate=gate, threshold=thresholds)
-    policy = runner.policy
-    assert policy.thresholds == pytest.approx(thresholds)
-    want_exit = policy.decide(signals, classes)
-    got = runner.run_batch(x)
-    assert [d.exit_index for d in got] == want_exit.tolist()
-    rows = np.arange(len(images))
+    bundle = load_bundle(gate_bundle(tmp_path_factory, tiny_ckpt, gate, exits, thresholds))
+    pipe = bundle.pipeline()
+    assert pipe.kept == tuple(kept + [e - 1])
+    assert pipe.signals == tuple(s for s in SIGNAL_NAMES if s == gate)  # only what the gate reads
+    backend = open_backend(bundle, "onnxruntime", providers="cpu")
+    runner = StageRunner(bundle, backend)
+    want_exit = runner.policy.decide(signals, classes)
+    rows = np.arange(len(x))
     want_class = classes[rows, want_exit]
-    assert [d.class_id for d in got] == want_class.tolist()
     probs = np.stack([softmax(logits[i], temps[i]) for i in range(e)], axis=1)
     want_conf = probs[rows, want_exit, want_class]
-    np.testing.assert_allclose([d.confidence for d in got], want_conf, atol=1e-4)
-    assert [d.label for d in got] == [bundle.classes[c] for c in want_class]
-    assert [d.macs for d in got] == [bundle.cumulative_macs[i] for i in want_exit]
-    # the gate score reported is the one that decided
-    pat = patience_counts(classes)
-    for k, d in enumerate(got):
-        if d.exit_index < e - 1 or gate != "learned":
-            want = gate_score(gate, signals[k : k + 1, d.exit_index], pat[k : k + 1, d.exit_index])[0]
-            assert d.gate_score == pytest.approx(want, abs=1e-4)
-    if gate == "max_prob":
+    one = [runner.run_one(x[k]) for k in range(len(x))]  # the pre-bound camera path
+    many = runner.run_batch(x, batch_size=32)  # compaction
+    for got in (one, many):
+        assert [d.exit for d in got] == want_exit.tolist()
+        assert [d.class_id for d in got] == want_class.tolist()
+        np.testing.assert_allclose([d.confidence for d in got], want_conf, atol=1e-4)
+        assert [d.macs for d in got] == [bundle.exit_macs()[list(pipe.kept).index(k)] for k in want_exit]
+        for k, d in enumerate(got):  # the reported score is the one that decided (none at the last exit)
+            if d.exit == e - 1:
+                assert d.gate_score is None
+            else:
+                assert d.gate_score == pytest.approx(gate_score(gate, signals[k:k + 1, d.exit], pat[k:k + 1, d.exit])[0],
+                                                     abs=1e-4)
+    assert_same_decisions(many, one)
+    if gate in ("max_prob", "margin", "coh_cosine"):
         assert len(set(want_exit.tolist())) >= 2, "thresholds should spread the samples over several exits"
+    backend.close()
 
 
-def test_compaction_equals_batch_one(bundle, ort_backend, images, reference):
-    x, _logits, signals, _classes = reference
-    e = bundle.num_exits
-    for gate in ("max_prob", "coh_ssim"):  # coh_ssim: prev_cam must be compacted with the features
-        scores = np.stack([gate_score(gate, signals[:, i], None) for i in range(e - 1)], axis=1)
-        runner = ExitRunner(bundle, ort_backend, gate=gate, threshold=gap_thresholds(scores))
-        one = [runner.run_batch(x[k : k + 1])[0] for k in range(len(x))]
-        for batch in (len(x), 7):
-            many = []
-            for start in range(0, len(x), batch):
-                many += runner.run_batch(x[start : start + batch])
-            assert_same_decisions(many, one)
-        assert len({d.exit_index for d in one}) >= 2, "compaction should really happen"
+def test_learned_gate_runs_the_logistic_on_the_stage_signals(tmp_path_factory, tiny_ckpt, torch_model, x):
+    from edgeexit.gates import FEATURE_NAMES, gate_features
+
+    e = torch_model.num_exits
+    kept = [0, 2]
+    _, _, signals, classes = torch_outputs(torch_model, x, [1.0] * e, kept + [e - 1])
+    pat = np.zeros(classes.shape, np.int64)
+    pat[:, kept + [e - 1]] = patience_counts(classes[:, kept + [e - 1]])
+    rng = np.random.default_rng(0)
+    learned = [None] * (e - 1)
+    for k in kept:
+        feats = gate_features(signals[:, k], pat[:, k])
+        learned[k] = {"mean": feats.mean(0).tolist(), "std": (feats.std(0) + 1e-3).tolist(),
+                      "weights": rng.normal(size=len(FEATURE_NAMES)).tolist(), "bias": 0.1}
+    scores = np.stack([gate_score("learned", signals[:, k], pat[:, k], learned[k]) for k in kept], axis=1)
+    bundle = load_bundle(gate_bundle(tmp_path_factory, tiny_ckpt, "learned", kept, gap_thresholds(scores),
+                                     learned=learned))
+    assert bundle.pipeline().signals == SIGNAL_NAMES
+    runner = StageRunner(bundle, open_backend(bundle, "onnxruntime", providers="cpu"))
+    want = runner.policy.decide(signals, classes)
+    assert [runner.run_one(x[k]).exit for k in range(len(x))] == want.tolist()
+    assert [d.exit for d in runner.run_batch(x, batch_size=7)] == want.tolist()
 
 
-def test_max_batch_split_keeps_order(bundle, ort_backend, images):
-    runner = ExitRunner(bundle, ort_backend, threshold=0.5)
+def test_full_runs_the_monolithic_graph(bundle, images):
+    backend = open_backend(bundle, "onnxruntime", providers="cpu", full=True)
+    runner = StageRunner(bundle, backend, full=True)
     x = runner.prepare(images)
-    whole = runner.run_batch(x)
-    ort_backend.max_batch = 5
-    try:
-        split = runner.run_batch(x)
-    finally:
-        ort_backend.max_batch = None
-    assert_same_decisions(split, whole)
-
-
-def test_io_binding_path_equals_plain(bundle, ort_backend, images):
-    bound = OrtBackend(bundle, providers="cpu", threads=1, io_binding=True)
-    try:
-        assert bound.io_binding
-        a = ExitRunner(bundle, ort_backend, threshold=0.4).run_images(images)
-        b = ExitRunner(bundle, bound, threshold=0.4).run_images(images)
-        assert_same_decisions(a, b)
-        import onnxruntime as ort
-
-        seg = bound.segments[0]
-        out = seg.run({"input": np.zeros((2, *bundle.input_shape), np.float32)}, keep=("features",))
-        assert isinstance(out["features"], ort.OrtValue)
-        taken = bound.take(out["features"], np.array([1]))
-        assert bound.to_host(taken).shape[0] == 1
-    finally:
-        bound.close()
-
-
-def test_full_runs_every_segment_and_only_the_last_head(bundle, ort_backend, images):
-    calls: List[str] = []
-
-    class Recording(Engine):
-        def __init__(self, inner):
-            self.inner, self.name = inner, inner.name
-            self.input_names, self.output_names = inner.input_names, inner.output_names
-            self.input_shapes = inner.input_shapes
-
-        def run(self, feeds, outputs=None, keep=()):
-            calls.append(self.name)
-            return self.inner.run(feeds, outputs, keep)
-
-    rec = Backend([Recording(e) for e in ort_backend.segments], [Recording(e) for e in ort_backend.heads])
-    runner = ExitRunner(bundle, rec, full=True, threshold=0.0)  # the threshold would exit everything at 0
-    x = runner.prepare(images)
-    got = runner.run_batch(x)
-    e = bundle.num_exits
-    assert calls == [f"segment_{i}" for i in range(e)] + [f"head_{e - 1}"]
-    assert {d.exit_index for d in got} == {e - 1}
-    assert {d.macs for d in got} == {bundle.reference_macs}
-    assert all(d.gate_score is None for d in got)
-    # the plain network: equal to the monolithic full.onnx
     import onnxruntime as ort
 
     mono = ort.InferenceSession(str(bundle.monolithic.path), providers=["CPUExecutionProvider"])
     logits = mono.run(["logits"], {"input": x})[0]
-    assert [d.class_id for d in got] == logits.argmax(axis=1).tolist()
-    np.testing.assert_allclose([d.confidence for d in got],
-                               softmax(logits, bundle.policy.temperatures[-1]).max(axis=1), atol=1e-5)
+    for got in ([runner.run_one(f) for f in x], runner.run_batch(x, batch_size=8)):
+        assert [d.class_id for d in got] == logits.argmax(axis=1).tolist()
+        np.testing.assert_allclose([d.confidence for d in got],
+                                   softmax(logits, bundle.policy.temperatures[-1]).max(axis=1), atol=1e-5)
+        assert {d.exit for d in got} == {bundle.num_exits - 1}
+        assert {d.macs for d in got} == {bundle.reference_macs} and all(d.gate_score is None for d in got)
+    # only full.onnx was opened: no stage ran
+    assert [Path(p).name for p in backend._engines] == [bundle.monolithic.file]
 
 
 def test_threshold_and_max_exit_overrides(bundle, ort_backend, images):
     e = bundle.num_exits
-    base = ExitRunner(bundle, ort_backend)
+    base = StageRunner(bundle, ort_backend)
     assert base.policy.thresholds == bundle.policy.thresholds
-    everyone_first = ExitRunner(bundle, ort_backend, gate="max_prob", threshold="0")
+    everyone_first = StageRunner(bundle, ort_backend, threshold="0")
     assert everyone_first.policy.thresholds == [0.0] * (e - 1)
-    assert {d.exit_index for d in everyone_first.run_images(images)} == {0}
-    nobody = ExitRunner(bundle, ort_backend, gate="max_prob", threshold=",".join(["1.5"] * (e - 1)))
-    assert {d.exit_index for d in nobody.run_images(images)} == {e - 1}
-    capped = ExitRunner(bundle, ort_backend, gate="max_prob", threshold=1.5, max_exit=1)
-    assert {d.exit_index for d in capped.run_images(images)} == {1}
-    with pytest.raises(ValueError, match="entries"):
-        ExitRunner(bundle, ort_backend, threshold=[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5][: e])
+    assert {d.exit for d in everyone_first.run_images(images)} == {0}
+    nobody = StageRunner(bundle, ort_backend, threshold=",".join(["1.5"] * (e - 1)))
+    assert {d.exit for d in nobody.run_images(images)} == {e - 1}
+    capped = StageRunner(bundle, ort_backend, threshold=1.5, max_exit=1)
+    assert {d.exit for d in capped.run_images(images)} == {1}
+    with pytest.raises(ValueError, match="internal exits"):
+        StageRunner(bundle, ort_backend, threshold=[0.5] * e)
     with pytest.raises(ValueError, match="max_exit"):
-        ExitRunner(bundle, ort_backend, max_exit=e)
-    with pytest.raises(ValueError, match="gate"):
-        ExitRunner(bundle, ort_backend, gate="nonsense", threshold=0.5)
+        StageRunner(bundle, ort_backend, max_exit=e)
+    with pytest.raises(ValueError, match="unknown gate"):
+        StageRunner(bundle, ort_backend, gate="nonsense")
+    with pytest.raises(BundleError, match="not in this bundle .*re-export with --gates"):
+        StageRunner(bundle, ort_backend, gate="coh_ssim")
+
+
+def test_threshold_override_keeps_the_calibrated_signs(tmp_path_factory, tiny_ckpt, bundle, images):
+    """--threshold starts from the pipeline's calibrated signs: with sign -1 a frame leaves when -score >= T."""
+    e = bundle.num_exits
+    path = gate_bundle(tmp_path_factory, tiny_ckpt, "max_prob", (0,), [0.5])
+    b = load_bundle(path)
+    data = json.loads((path / "manifest.json").read_text())
+    assert data["pipelines"]["max_prob"]["policy"]["exits"] == [0]
+    runner = StageRunner(b, open_backend(b, "onnxruntime", providers="cpu"), threshold="-2")
+    assert runner.policy.thresholds == [-2.0] + [math.inf] * (e - 2)
+    assert {d.exit for d in runner.run_images(images)} == {0}
+    with pytest.raises(ValueError, match="not kept"):
+        StageRunner(b, open_backend(b, "onnxruntime", providers="cpu"), max_exit=1)
 
 
 def test_parse_thresholds():
@@ -352,62 +367,94 @@ def test_parse_thresholds():
 
 
 class _Poisoned(Engine):
-    """Wraps a head engine: the rows listed get non-finite signals (or the engine raises)."""
+    """Wraps a stage engine: the rows listed get a non-finite value in ``output``, or every call raises."""
 
-    def __init__(self, inner, bad_rows=(0,), mode="nan"):
-        self.inner, self.name, self.mode = inner, inner.name, mode
+    def __init__(self, inner, bad_rows=(0,), mode="nan", output="confidence"):
+        self.inner, self.name, self.mode, self.output = inner, inner.name, mode, output
         self.input_names, self.output_names = inner.input_names, inner.output_names
-        self.input_shapes = inner.input_shapes
+        self.input_shapes, self.output_types = inner.input_shapes, inner.output_types
         self.bad_rows = list(bad_rows)
-        self.calls = 0
+        self.row = 0  # batch 1: which frame this is
 
-    def run(self, feeds, outputs=None, keep=()):
-        self.calls += 1
+    def run(self, feeds, outputs=None):
         if self.mode == "raise":
             raise RuntimeError("device lost")
-        out = dict(self.inner.run(feeds, outputs, keep))
-        sig = np.array(out["signals"], dtype=np.float32)
-        rows = [r for r in self.bad_rows if r < sig.shape[0]]
-        sig[rows, 0] = np.nan if self.mode == "nan" else np.inf
-        out["signals"] = sig
+        out = dict(self.inner.run(feeds, outputs))
+        value = np.array(out[self.output], dtype=np.float32)
+        value[[r for r in self.bad_rows if r < value.shape[0]]] = np.nan
+        out[self.output] = value
         return out
 
+    def bind(self, inputs, outputs):
+        call = self.inner.bind(inputs, outputs)
 
-def test_non_finite_engine_output_fails_the_frame_only(bundle, ort_backend, images):
-    heads = list(ort_backend.heads)
-    heads[0] = _Poisoned(heads[0], bad_rows=(1,))
-    fake = Backend(ort_backend.segments, heads)
-    runner = ExitRunner(bundle, fake, threshold=0.4)
-    clean = ExitRunner(bundle, ort_backend, threshold=0.4)
-    got = runner.run_images(images[:6])
+        def poisoned():
+            if self.mode == "raise":
+                raise RuntimeError("device lost")
+            call()
+            if self.row in self.bad_rows:
+                outputs[self.output].host[0] = np.nan
+            self.row += 1
+        return poisoned
+
+
+def _poison(runner: StageRunner, j: int, **kwargs) -> StageRunner:
+    runner._stages = list(runner._stages)
+    runner._stages[j] = _Poisoned(runner._stages[j], **kwargs)
+    return runner
+
+
+def test_non_finite_answer_fails_the_frame_only(bundle, ort_backend, images):
+    e = bundle.num_exits
+    clean = StageRunner(bundle, ort_backend, threshold=1.5)  # every frame runs to the last stage
     want = clean.run_images(images[:6])
-    assert got[1].failed and "non-finite" in got[1].reason and "head_0" in got[1].reason
-    assert got[1].exit_index == 0
-    others = [k for k in range(6) if k != 1]
-    assert_same_decisions([got[k] for k in others], [want[k] for k in others])
-    # the run goes on: the next batch is fine apart from its own row 1
-    again = runner.run_images(images[6:9])
-    assert [d.failed for d in again] == [False, True, False]
-    stats = RunStats(bundle.num_exits, [0.25, 0.5, 0.75, 1.0][: bundle.num_exits])
-    for d in got + again:
-        stats.add(d, label=0)
-    assert stats.failed == 2 and stats.frames == 9
-    assert json.dumps(frame_record(Frame(1, None, "x.png"), got[1]))  # strict JSON: no NaN
+    for batch in (6, 1):
+        runner = _poison(StageRunner(bundle, ort_backend, threshold=1.5), -1, bad_rows=(1,))
+        got = runner.run_batch(runner.prepare(images[:6]), batch_size=batch)
+        assert got[1].failed and "non-finite" in got[1].failed and f"stage_{len(runner.exits) - 1}" in got[1].failed
+        others = [k for k in range(6) if k != 1]
+        assert_same_decisions([got[k] for k in others], [want[k] for k in others])
+        stats = RunStats(e, [runner.exit_fraction(i) for i in range(e)])
+        for d in got:
+            stats.add(d, label=0)
+        assert stats.failed == 1 and stats.frames == 6
+        assert json.dumps(frame_record(Frame(1, None, "x.png"), got[1]), allow_nan=False)  # strict JSON
 
 
-def test_engine_exception_fails_the_batch_and_run_continues(bundle, ort_backend, images):
-    heads = list(ort_backend.heads)
-    heads[-1] = _Poisoned(heads[-1], mode="raise")
-    runner = ExitRunner(bundle, Backend(ort_backend.segments, heads), gate="max_prob", threshold=0.0)
-    ok = runner.run_images(images[:3])  # every sample leaves at exit 0: the broken last head never runs
-    assert not any(d.failed for d in ok)
-    broken = ExitRunner(bundle, Backend(ort_backend.segments, heads), gate="max_prob", threshold=1.5)
-    got = broken.run_images(images[:3])
-    assert all(d.failed and "device lost" in d.reason for d in got)
+def test_non_finite_gate_score_goes_deeper(bundle, ort_backend, images):
+    """A nan score passes no threshold: the frame is answered by a later exit, not by a broken one."""
+    for batch in (6, 1):
+        runner = _poison(StageRunner(bundle, ort_backend, threshold=0.0), 0, bad_rows=(1,), output="signals")
+        got = runner.run_batch(runner.prepare(images[:6]), batch_size=batch)
+        assert [d.exit for d in got] == [0, 1, 0, 0, 0, 0] and not any(d.failed for d in got)
+
+
+def test_engine_exception_fails_the_frames_and_the_run_continues(bundle, ort_backend, images):
+    for batch in (3, 1):
+        ok = _poison(StageRunner(bundle, ort_backend, threshold=0.0), -1, mode="raise")
+        assert not any(d.failed for d in ok.run_batch(ok.prepare(images[:3]), batch_size=batch))  # never ran
+        broken = _poison(StageRunner(bundle, ort_backend, threshold=1.5), -1, mode="raise")
+        got = broken.run_batch(broken.prepare(images[:3]), batch_size=batch)
+        assert all(d.failed and "device lost" in d.failed for d in got)
+        assert all(d.exit == bundle.num_exits - 1 for d in got)
+
+
+def test_keep_cam_returns_the_exits_map(bundle, ort_backend, images, torch_model):
+    import torch
+
+    runner = StageRunner(bundle, ort_backend, threshold=0.4, keep_cam=True)
+    x = runner.prepare(images)
+    with torch.no_grad():
+        outs = torch_model.forward_exits(torch.from_numpy(x))
+    for got in ([runner.run_one(f) for f in x], runner.run_batch(x, batch_size=8)):
+        assert len({d.exit for d in got}) >= 2
+        for k, d in enumerate(got):
+            np.testing.assert_allclose(d.cam, outs[d.exit].cam[k].numpy(), atol=1e-4)
+    assert StageRunner(bundle, ort_backend).run_one(x[0]).cam is None  # not drawn, not computed
 
 
 def test_run_source_skips_unusable_frames(bundle, ort_backend, images):
-    runner = ExitRunner(bundle, ort_backend, threshold=0.4)
+    runner = StageRunner(bundle, ort_backend, threshold=0.4)
     frames = [Frame(0, images[0], "a.png", label=0), Frame(1, None, "bad.png", error="cannot read image bad.png"),
               Frame(2, np.zeros((0, 5, 3), np.uint8), "empty.png"), Frame(3, images[1], "b.png"),
               Frame(4, images[2], "c.png")]
@@ -418,287 +465,10 @@ def test_run_source_skips_unusable_frames(bundle, ort_backend, images):
     assert_same_decisions([d for _, d in seen], runner.run_images([images[0], images[1], images[2]]))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# TensorRT: pure bookkeeping, and the whole backend over fake tensorrt / pycuda modules running the ONNX graphs
-
-
-def test_trt_shape_bookkeeping():
-    assert trtb.resolve_shape((-1, 3, 24, 24), 8) == (8, 3, 24, 24)
-    assert trtb.resolve_shape((4, 3), 8) == (4, 3)
-    assert trtb.resolve_shape((-1, -1, 5), 2, profile_max=(16, 7, 5)) == (2, 7, 5)
-    with pytest.raises(ValueError):
-        trtb.resolve_shape((-1, -1), 2)
-    assert trtb.volume((2, 3, 4)) == 24
-    batch, shapes = trtb.plan_buffers({"input": ((-1, 3, 8, 8), np.float32, (16, 3, 8, 8))}, 32)
-    assert batch == 16 and shapes == {"input": (16, 3, 8, 8)}  # clipped to the profile
-    batch, shapes = trtb.plan_buffers({"a": ((-1, 4), np.float32, (64, 4)), "b": ((-1, 2, 2), np.float32, (8, 2, 2))}, 32)
-    assert batch == 8 and shapes == {"a": (8, 4), "b": (8, 2, 2)}
-    spec = trtb.TensorSpec("x", True, np.dtype(np.float32), (-1, 3), (8, 3))
-    assert spec.max_bytes == 8 * 3 * 4
-    with pytest.raises(ValueError):
-        trtb.plan_buffers({}, 0)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_trt_compaction_copies_move_rows_in_place(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 20))
-    rows = np.flatnonzero(rng.random(n) < 0.5)
-    buf = np.arange(n * 3, dtype=np.int32).reshape(n, 3)
-    want = buf[rows].copy()
-    raw = buf.view(np.uint8).reshape(-1)
-    row_bytes = 3 * 4
-    for dst, src, nbytes in trtb.compaction_copies(rows.tolist(), row_bytes):
-        assert dst + nbytes <= src or src + nbytes <= dst, "overlapping copy"
-        raw[dst : dst + nbytes] = raw[src : src + nbytes].copy()
-    np.testing.assert_array_equal(buf[: len(rows)], want)
-    assert trtb.compaction_copies([0, 1, 2], 4) == []  # already in place: nothing to copy
-    assert trtb.compaction_copies([2, 3, 4], 4) == [(0, 8, 8), (8, 16, 4)]  # runs merged, chunked to avoid overlap
-    with pytest.raises(ValueError):
-        trtb.compaction_copies([2, 1], 4)
-
-
-def test_trt_engine_compatibility(tmp_path):
-    (tmp_path / "segment_0.engine").write_bytes(b"x")
-    entry = {"file": "segment_0.engine", "tensorrt_version": "10.3.0", "gpu": "Orin", "precision": "fp16"}
-    assert trtb.engine_compatible(entry, tmp_path, "10.3.0", "Orin") == (True, "")
-    ok, why = trtb.engine_compatible(entry, tmp_path, "8.5.2", "Orin")
-    assert not ok and "TensorRT 10.3.0" in why
-    ok, why = trtb.engine_compatible(entry, tmp_path, "10.3.0", "NVIDIA H100")
-    assert not ok and "GPU Orin" in why
-    assert not trtb.engine_compatible(None, tmp_path, "10.3.0", "Orin")[0]
-    assert not trtb.engine_compatible({**entry, "file": "missing.engine"}, tmp_path, "10.3.0", "Orin")[0]
-
-
-class FakeCuda:
-    """pycuda.driver over a numpy "device": pointers are offsets into one byte array (0 is never handed out)."""
-
-    def __init__(self, size: int = 64 << 20):
-        self.heap = np.zeros(size, dtype=np.uint8)
-        self.top = 256
-        self.live: Dict[int, int] = {}
-        self.dtod = 0
-        self.htod = 0
-        self.dtoh = 0
-
-    # pycuda.driver API subset
-    def init(self):
-        pass
-
-    class _Ctx:
-        def push(self):
-            pass
-
-        def pop(self):
-            pass
-
-    def Device(self, index):  # noqa: N802
-        return SimpleNamespace(name=lambda: "Fake GPU", retain_primary_context=lambda: FakeCuda._Ctx())
-
-    def Stream(self):  # noqa: N802
-        return SimpleNamespace(handle=1, synchronize=lambda: None)
-
-    def mem_alloc(self, nbytes):
-        ptr = self.top
-        self.top += (int(nbytes) + 255) // 256 * 256
-        assert self.top <= self.heap.size, "fake device out of memory"
-        self.live[ptr] = int(nbytes)
-        cuda = self
-
-        class Allocation(int):
-            def free(self_inner):
-                cuda.live.pop(int(self_inner), None)
-
-        return Allocation(ptr)
-
-    def pagelocked_empty(self, shape, dtype):
-        return np.empty(shape, dtype=dtype)
-
-    def _check(self, ptr, nbytes):
-        ptr = int(ptr)
-        assert any(base <= ptr and ptr + nbytes <= base + size for base, size in self.live.items()), \
-            f"access outside an allocation: {ptr}+{nbytes}"
-        return ptr
-
-    def memcpy_htod_async(self, dst, src, stream=None):
-        src = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
-        p = self._check(dst, src.size)
-        self.heap[p : p + src.size] = src
-        self.htod += 1
-
-    def memcpy_dtoh_async(self, dst, src, stream=None):
-        view = dst.view(np.uint8).reshape(-1)
-        p = self._check(src, view.size)
-        view[...] = self.heap[p : p + view.size]
-        self.dtoh += 1
-
-    def memcpy_dtod_async(self, dst, src, nbytes, stream=None):
-        d, s = self._check(dst, nbytes), self._check(src, nbytes)
-        assert d + nbytes <= s or s + nbytes <= d, "overlapping device copy"
-        self.heap[d : d + nbytes] = self.heap[s : s + nbytes].copy()
-        self.dtod += 1
-
-    def read(self, ptr, shape, dtype):
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return self.heap[ptr : ptr + n].view(dtype).reshape(shape).copy()
-
-    def write(self, ptr, array):
-        raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
-        self.heap[ptr : ptr + raw.size] = raw
-
-
-def make_fake_trt(cuda: FakeCuda, profile_max: int = 16):
-    """A tensorrt module whose engines are ONNX files (the "engine bytes" are the ONNX path) run by ONNX Runtime,
-    reading and writing the fake device memory at the addresses the backend sets."""
-    import onnxruntime as ort
-
-    types = {"tensor(float)": np.dtype(np.float32), "tensor(int64)": np.dtype(np.int64)}
-
-    class FakeContext:
-        def __init__(self, engine):
-            self.engine, self.shapes, self.addresses = engine, {}, {}
-            self.executions = 0
-
-        def set_input_shape(self, name, shape):
-            assert name in self.engine.inputs
-            self.shapes[name] = tuple(int(d) for d in shape)
-            return True
-
-        def get_tensor_shape(self, name):
-            if name in self.engine.inputs:
-                return self.shapes[name]
-            batch = next(iter(self.shapes.values()))[0]
-            return (batch, *self.engine.out_static[name])
-
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = int(ptr)
-            return True
-
-        def execute_async_v3(self, stream_handle):
-            feeds = {n: cuda.read(self.addresses[n], self.shapes[n], self.engine.dtypes[n]) for n in self.engine.inputs}
-            outs = self.engine.session.run(self.engine.outputs, feeds)
-            for n, v in zip(self.engine.outputs, outs):
-                cuda.write(self.addresses[n], v.astype(self.engine.dtypes[n]))
-            self.executions += 1
-            return True
-
-    class FakeEngine:
-        def __init__(self, path):
-            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            self.inputs = [i.name for i in self.session.get_inputs()]
-            self.outputs = [o.name for o in self.session.get_outputs()]
-            meta = list(self.session.get_inputs()) + list(self.session.get_outputs())
-            self.dtypes = {m.name: types[m.type] for m in meta}
-            self.static = {m.name: tuple(-1 if not isinstance(d, int) else d for d in m.shape) for m in meta}
-            self.out_static = {n: self.static[n][1:] for n in self.outputs}
-            self.num_io_tensors = len(meta)
-            self._names = [m.name for m in meta]
-
-        def get_tensor_name(self, i):
-            return self._names[i]
-
-        def get_tensor_mode(self, name):
-            return FakeTrt.TensorIOMode.INPUT if name in self.inputs else FakeTrt.TensorIOMode.OUTPUT
-
-        def get_tensor_dtype(self, name):
-            return self.dtypes[name]
-
-        def get_tensor_shape(self, name):
-            return self.static[name]
-
-        def get_tensor_profile_shape(self, name, profile):
-            s = self.static[name]
-            return ((1, *s[1:]), (1, *s[1:]), (profile_max, *s[1:]))
-
-        def create_execution_context(self):
-            return FakeContext(self)
-
-    class FakeTrt:
-        __version__ = "10.3.0"
-
-        class Logger:
-            WARNING = 2
-
-            def __init__(self, severity):
-                pass
-
-        class TensorIOMode:
-            INPUT = "input"
-            OUTPUT = "output"
-
-        @staticmethod
-        def nptype(dtype):
-            return dtype
-
-        class Runtime:
-            def __init__(self, logger):
-                pass
-
-            def deserialize_cuda_engine(self, data):
-                return FakeEngine(bytes(data).decode())
-
-    return FakeTrt
-
-
-def test_tensorrt_backend_over_fakes_equals_onnxruntime(bundle, ort_backend, images, tmp_path):
-    cuda = FakeCuda()
-    fake_trt = make_fake_trt(cuda, profile_max=16)
-    built: List[str] = []
-
-    def builder(onnx_path, engine_path, precision, max_batch):
-        built.append(Path(onnx_path).name)
-        return str(onnx_path).encode()
-
-    backend = trtb.TensorRTBackend(bundle, max_batch=32, trt_module=fake_trt, cuda_module=cuda, builder=builder,
-                                   cache_dir=tmp_path / "cache")
-    e = bundle.num_exits
-    assert backend.max_batch == 16  # clipped to the engines' profile
-    assert sorted(built) == sorted([f"segment_{i}.onnx" for i in range(e)] + [f"head_{i}.onnx" for i in range(e)])
-    assert len(list((tmp_path / "cache").glob("*.engine"))) == 2 * e
-    seg0 = backend.segments[0]
-    assert seg0.specs["input"].max_shape == (16, *bundle.input_shape)
-    assert seg0.allocated_bytes > 0 and "tensorrt 10.3.0 on Fake GPU" in backend.describe()
-    live_before = dict(cuda.live)
-
-    runner_trt = ExitRunner(bundle, backend, threshold=0.38, keep_cam=True)
-    runner_ort = ExitRunner(bundle, ort_backend, threshold=0.38, keep_cam=True)
-    got = runner_trt.run_images(images)  # 40 images: split into batches of 16, compacted on the "device"
-    want = runner_ort.run_images(images)
-    assert_same_decisions(got, want)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a.cam, b.cam, atol=1e-5)
-    assert len({d.exit_index for d in got}) >= 2 and cuda.dtod > 0  # compaction moved rows on the device
-    # only the small head outputs came back: one htod per segment-0 batch, no features copied to the host
-    assert cuda.live == live_before  # nothing allocated per batch
-    full = ExitRunner(bundle, backend, full=True).run_images(images[:5])
-    assert_same_decisions(full, ExitRunner(bundle, ort_backend, full=True).run_images(images[:5]))
-    backend.close()
-    assert not cuda.live
-
-    # second start: engines come from the cache, nothing rebuilt
-    built.clear()
-    again = trtb.TensorRTBackend(bundle, max_batch=32, trt_module=fake_trt, cuda_module=cuda, builder=builder,
-                                 cache_dir=tmp_path / "cache")
-    assert built == []
-    again.close()
-
-
-def test_tensorrt_backend_rebuild_off_is_an_error(bundle, tmp_path):
-    cuda = FakeCuda()
-    with pytest.raises(BackendError, match="rebuilding is off"):
-        trtb.TensorRTBackend(bundle, trt_module=make_fake_trt(cuda), cuda_module=cuda, rebuild=False,
-                             cache_dir=tmp_path)
-
-
-def test_real_tensorrt_backend(bundle, images):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (Jetson / NVIDIA GPU only)")
-    pytest.importorskip("pycuda", reason="pycuda is not installed here")
-    backend = open_backend(bundle, "tensorrt", max_batch=8)
-    try:
-        got = ExitRunner(bundle, backend, threshold=0.5).run_images(images[:8])
-        assert len(got) == 8 and not any(d.failed for d in got)
-    finally:
-        backend.close()
+def test_decision_fields_are_the_json_lines(bundle, ort_backend, images):
+    d = StageRunner(bundle, ort_backend).run_images(images[:1])[0]
+    rec = frame_record(Frame(0, None, "a.png"), d, bundle.classes)
+    assert {k: rec[k] for k in d.to_dict()} == d.to_dict()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -746,7 +516,7 @@ def test_run_stats_summary():
     stats = RunStats(3, [0.3, 0.6, 1.1])
     for k in range(10):
         stats.add(Decision(k % 2, "", 0.9, k % 3, latency_ms=float(k)), label=0)
-    stats.add(Decision(-1, "", float("nan"), 0, failed=True, reason="non-finite output of head_0 (signals: x)"), label=0)
+    stats.add(Decision(-1, "", float("nan"), 0, failed="non-finite output of stage_0"), label=0)
     stats.add_skipped(2)
     stats.stop()
     d = stats.to_dict()
@@ -782,7 +552,7 @@ def rss_bytes() -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_memory_stays_flat(bundle, ort_backend, images, tmp_path):
-    runner = ExitRunner(bundle, ort_backend, threshold=0.38, keep_cam=True)
+    runner = StageRunner(bundle, ort_backend, threshold=0.38, keep_cam=True)
     stats = RunStats(bundle.num_exits, [runner.exit_fraction(i) for i in range(bundle.num_exits)])
     writer = JsonlWriter(tmp_path / "mem.jsonl")
     frames = [Frame(k, images[k % len(images)], f"f{k}.png", label=0) for k in range(len(images))]
@@ -793,52 +563,29 @@ def test_memory_stays_flat(bundle, ort_backend, images, tmp_path):
 
     for _ in range(3):  # warm-up: allocator pools, caches
         run_source(runner, frames, 4, on_decision)
+        run_source(runner, frames, 1, on_decision)
     before = rss_bytes()
     for _ in range(10):  # 400 more frames
         run_source(runner, frames, 4, on_decision)
         run_source(runner, frames[:8], 1, on_decision)
     growth = rss_bytes() - before
     writer.close()
-    assert stats.frames == 3 * len(frames) + 10 * (len(frames) + 8)
+    assert stats.frames == 3 * 2 * len(frames) + 10 * (len(frames) + 8)
     assert growth < 5 * 2**20, f"RSS grew by {growth / 2**20:.2f} MB over {10 * (len(frames) + 8)} frames"
 
 
-def test_tensorrt_rebuild_uses_export_build_engine(bundle, monkeypatch, tmp_path):
-    import edgeexit.export.tensorrt as export_trt
-
-    calls = []
-
-    def fake_build_engine(onnx_path, engine_path, **kwargs):
-        calls.append((Path(onnx_path).name, kwargs))
-        Path(engine_path).write_bytes(str(onnx_path).encode())
-        return SimpleNamespace(path=Path(engine_path))
-
-    monkeypatch.setattr(export_trt, "build_engine", fake_build_engine)
-    cuda = FakeCuda()
-    backend = trtb.TensorRTBackend(bundle, max_batch=4, trt_module=make_fake_trt(cuda), cuda_module=cuda,
-                                   cache_dir=tmp_path)
-    backend.close()
-    assert len(calls) == 2 * bundle.num_exits
-    name, kwargs = calls[0]
-    assert kwargs["precision"] == "fp16" and kwargs["max_batch"] == 4 and kwargs["min_batch"] == 1
-    assert sorted(backend.rebuilt) == sorted(c[0] for c in calls)
-
-
-def test_gate_override_uses_that_gates_calibrated_thresholds(tmp_path, tiny_ckpt):
-    """A calibrated bundle carries every gate's policy: --gate G runs G with its own calibrated thresholds."""
+def test_gate_override_uses_that_gates_stages_and_calibrated_policy(tmp_path, tiny_ckpt):
+    """A bundle exported with --gates carries each gate's pipeline: --gate G runs G's stages and policy."""
     from edgeexit.calibrate import calibrate
     from edgeexit.export import export_bundle
-    from edgeexit.policy import ExitPolicy
-    from edgeexit.runtime.backends import open_backend
-    from edgeexit.runtime.bundle import load_bundle
-    from edgeexit.runtime.chain import ExitRunner
 
     ckpt = tmp_path / "cal.pt"
     cal = calibrate(tiny_ckpt, out=ckpt, max_drop=5.0, log=lambda _m: None)
-    bundle_dir = export_bundle(ckpt, tmp_path / "bundle", log=lambda _m: None)
-    bundle = load_bundle(bundle_dir)
     other = next(g for g in cal["gates"] if g != cal["winner"])
-    runner = ExitRunner(bundle, open_backend(bundle, kind="onnxruntime", providers="cpu"), gate=other)
+    bundle = load_bundle(export_bundle(ckpt, tmp_path / "bundle", gates=[other], samples=8, log=lambda _m: None))
+    assert set(bundle.pipelines) == {cal["winner"], other} and bundle.default_gate == cal["winner"]
+    runner = StageRunner(bundle, open_backend(bundle, "onnxruntime", providers="cpu", gate=other), gate=other)
     expected = ExitPolicy.from_dict(cal["gates"][other]["policy"])
-    assert runner.policy.gate == other
+    assert runner.policy.gate == other and runner.exits == expected.kept
     assert [float(t) for t in runner.policy.thresholds] == [float(t) for t in expected.thresholds]
+    assert all(f.file.startswith(f"{other}.") for f in bundle.pipeline(other).stages)

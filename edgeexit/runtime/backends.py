@@ -381,7 +381,13 @@ def open_backend(
     return backend
 
 
+TENSORRT_MISSING = ("the tensorrt backend needs TensorRT and pycuda (JetPack ships python3-libnvinfer; pip install "
+                    "pycuda); use --backend onnxruntime")
+
+
 def _tensorrt(bundle: Any, max_batch: int, kwargs: Mapping[str, Any]) -> Backend:
+    if "trt_module" not in kwargs and not tensorrt_available():
+        raise BackendError(TENSORRT_MISSING)
     from .tensorrt_backend import TensorRTBackend  # noqa: PLC0415 (imports tensorrt lazily)
 
     return TensorRTBackend(bundle, max_batch=max_batch, **{k: v for k, v in kwargs.items() if k != "spinning"})
