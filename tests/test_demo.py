@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 from edgeexit.runtime.bundle import load_bundle
-from edgeexit.runtime.chain import DEMO_BUNDLE, DEMO_SAMPLES, demo_path
+from edgeexit.runtime.commands import DEMO_BUNDLE, DEMO_SAMPLES, demo_path
 
 
 def test_demo_bundle_is_valid_and_calibrated():
     bundle = load_bundle(demo_path(DEMO_BUNDLE))  # schema, checksums, paths inside the bundle
     manifest = json.loads(demo_path(DEMO_BUNDLE).joinpath("manifest.json").read_text())
     assert manifest["calibrated"] is True and len(bundle.classes) == 10
-    assert set(manifest["gate_policies"]) >= {"max_prob", "sal_entropy", "coh_cosine", "learned"}
+    assert bundle.default_gate in bundle.pipelines and len(bundle.pipeline().stages) >= 2
     samples = [p for p in demo_path(DEMO_SAMPLES).rglob("*.png")]
     assert len(samples) >= 24
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import shutil
 import sys
 import types
@@ -133,9 +135,9 @@ def test_every_backbone_exports_with_parity(arch, width, size, tmp_path):
     bundle = load_bundle(out)
     e = model.num_exits
     assert bundle.num_exits == e == 3
-    checks = bundle.checks
-    assert checks["inputs"] == "random" and checks["decisions"]["compared"] == 6
-    assert all(v <= 1e-4 for v in checks["max_abs_error"].values()), checks["max_abs_error"]
+    pipe = bundle.pipeline()
+    assert bundle.checks["inputs"] == "random" and pipe.checks["decisions"]["batch1"]["compared"] == 6
+    assert all(v <= 1e-4 for v in pipe.checks["max_abs_error"].values()), pipe.checks["max_abs_error"]
     for f in bundle.files():  # opset, dynamic batch axis on every tensor
         proto = onnx.load(str(f.path))
         assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -146,71 +148,96 @@ def test_every_backbone_exports_with_parity(arch, width, size, tmp_path):
     with torch.no_grad():
         feats = model.forward_intermediates(x)
         outs = [h.forward_cam(f) for h, f in zip(model.heads, feats)]
-    for i in range(e):
-        (got,) = _session(bundle.segments[i].path).run(None, {"input" if i == 0 else "features_in": (x if i == 0 else feats[i - 1]).numpy()})
-        np.testing.assert_allclose(got, feats[i].numpy(), atol=1e-4 * max(1.0, float(feats[i].abs().max())))
-        feed = {"features": feats[i].numpy()}
-        if i:
-            feed["prev_cam"] = outs[i - 1].cam.numpy()
-        logits, probs, cls, cam, signals = _session(bundle.heads[i].path).run(
-            ["logits", "probs", "class", "cam", "signals"], feed)
-        np.testing.assert_allclose(logits, outs[i].logits.numpy(), atol=1e-4)
-        np.testing.assert_array_equal(cls, outs[i].logits.argmax(1).numpy())
-        np.testing.assert_allclose(cam, outs[i].cam.numpy(), atol=1e-4)
-        ref = exit_signals(outs[i].logits.numpy(), outs[i].cam.numpy(), outs[i - 1].cam.numpy() if i else None)
-        np.testing.assert_allclose(signals, ref, atol=1e-4)
-        np.testing.assert_allclose(probs, softmax(outs[i].logits.numpy()), atol=1e-4)
+    for j, stage in enumerate(pipe.stages):
+        a, k = stage.segments
+        feed = {stage.input_names[0]: (x if a == 0 else feats[a - 1]).numpy()}
+        got = dict(zip(stage.output_names, _session(stage.path).run(None, feed)))
+        np.testing.assert_allclose(got["features"], feats[k].numpy(), atol=1e-4 * max(1.0, float(feats[k].abs().max())))
+        np.testing.assert_array_equal(got["class"], outs[k].logits.argmax(1).numpy())
+        np.testing.assert_allclose(got["confidence"], softmax(outs[k].logits.numpy()).max(1), atol=1e-4)
+        if "signals" in got:
+            ref = exit_signals(outs[k].logits.numpy(), outs[k].cam.numpy(), outs[k - 1].cam.numpy() if k else None)
+            np.testing.assert_allclose(got["signals"][:, 0], ref[:, SIGNAL_NAMES.index("max_prob")], atol=1e-4)
+        (cam,) = _session(pipe.cam(k).path).run(["cam"], {"features": feats[k].numpy()})
+        np.testing.assert_allclose(cam, outs[k].cam.numpy(), atol=1e-4)
     (full,) = _session(bundle.monolithic.path).run(["logits"], {"input": x.numpy()})
     np.testing.assert_allclose(full, outs[-1].logits.numpy(), atol=1e-4)
 
 
+def test_stage_graph_computes_only_the_gates_signals(tmp_path):
+    """A margin stage is a few nodes on top of its segments; an all-signals (learned) stage carries ~200 more."""
+    from edgeexit.export.stage_graph import StageGraph
+
+    torch.manual_seed(0)
+    model = multi_exit("resnet20", 3, 16, width=0.25, exits=[2, 5]).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        f0 = model.segments[0](x)
+        cam0 = model.heads[0].forward_cam(f0).cam
+        f1 = model.segments[1](f0)
+        out1 = model.heads[1].forward_cam(f1)
+    hw0, hw1 = tuple(cam0.shape[1:]), tuple(out1.cam.shape[1:])
+    counts = {}
+    for names, prev in ((("margin",), None), (SIGNAL_NAMES, hw0)):
+        graph = StageGraph([model.segments[1]], model.heads[1], cam_hw=hw1, temperature=1.3, signals=names,
+                           prev_hw=prev).eval()
+        args = (f0,) + ((cam0,) if prev else ())
+        path = tmp_path / f"s{len(names)}.onnx"
+        ins = ["features_in"] + (["prev_cam"] if prev else [])
+        onnx_export._export_onnx(graph, args, path, ins, ["features", "class", "confidence", "signals"], 17)
+        counts[len(names)] = len(onnx.load(str(path)).graph.node)
+        got = _session(path).run(None, {n: a.numpy() for n, a in zip(ins, args)})
+        ref = exit_signals(out1.logits.numpy(), out1.cam.numpy(), cam0.numpy() if prev else None, 1.3)
+        cols = [SIGNAL_NAMES.index(n) for n in names]
+        np.testing.assert_allclose(got[3], ref[:, cols], atol=1e-5)
+    assert counts[7] - counts[1] > 100, counts
+
+
 # -- chained decisions ------------------------------------------------------------------------------------------------
 def test_chained_decisions_equal_torch(tiny_ckpt, tmp_path):
-    """A policy with mixed exits (median thresholds on CAM coherence, baked temperatures): running the ONNX files
-    one exit at a time, stopping where the policy says, takes the same exits and classes as the torch model."""
+    """A policy keeping exits 1 and 2 (coherence gate: exit 2 compares with exit 1, the previous *kept* exit), with
+    baked temperatures: the runtime at batch 1 and batch 32 takes the same exits and classes as the torch model."""
     from edgeexit.checkpoint import load_model
     from edgeexit.export.onnx_export import validation_inputs
-    from edgeexit.gates import next_patience
     from edgeexit.preprocess import Preprocess
+    from edgeexit.runtime.backends import open_backend
+    from edgeexit.runtime.chain import StageRunner
 
     model, ckpt = load_model(tiny_ckpt)
     x, source = validation_inputs(ckpt, Preprocess.from_dict(ckpt["preprocess"]), ckpt["classes"], 64, lambda _m: None)
     assert source == "validation"
-    x = np.concatenate([x, np.flip(x, 3)])  # more samples: mirrored images
+    x = np.ascontiguousarray(np.concatenate([x, np.flip(x, 3)]))  # more samples: mirrored images
     temps = [1.5, 0.7, 1.2, 1.0]
     with torch.no_grad():
-        outs = model.forward_exits(torch.from_numpy(np.ascontiguousarray(x)))
+        outs = model.forward_exits(torch.from_numpy(x))
     logits = [o.logits.numpy() for o in outs]
     cams = [o.cam.numpy() for o in outs]
-    sig = np.stack([exit_signals(logits[i], cams[i], cams[i - 1] if i else None, temps[i]) for i in range(4)], 1)
+    sig = np.zeros((len(x), 4, len(SIGNAL_NAMES)), np.float32)
+    sig[:, 1] = exit_signals(logits[1], cams[1], None, temps[1])
+    sig[:, 2] = exit_signals(logits[2], cams[2], cams[1], temps[2])
+    sig[:, 3] = exit_signals(logits[3], cams[3], cams[2], temps[3])
     classes = np.stack([lg.argmax(1) for lg in logits], 1)
     gate = SIGNAL_NAMES.index("coh_cosine")
-    thresholds = [float(np.median(sig[:, 0, 0]))] + [float(np.median(sig[:, i, gate])) for i in (1, 2)]
-    policy = ExitPolicy("coh_cosine", [1.1] + thresholds[1:], [1.0, 1.0, 1.0], temps)  # exit 0 has no coherence
+    policy = ExitPolicy("coh_cosine", [math.inf, 1.1, float(np.median(sig[:, 2, gate]))], [1.0, 1.0, 1.0], temps,
+                        exits=[1, 2])  # exit 1 has no previous kept exit: coherence 0, never passes 1.1
     expected = policy.decide(sig, classes)
     assert len(set(expected.tolist())) >= 2  # the policy really splits the samples
 
     out = export_bundle(tiny_ckpt, tmp_path / "b", policy=policy, samples=16, **QUIET)
     bundle = load_bundle(out)
-    assert [h.temperature for h in bundle.heads] == temps and bundle.policy.thresholds == policy.thresholds
-    segs = [_session(s.path) for s in bundle.segments]
-    heads = [_session(h.path) for h in bundle.heads]
-    near = 0
-    for b in range(len(x)):
-        f, prev, count, prev_cls = x[b : b + 1].astype(np.float32), None, None, None
-        for i in range(4):
-            (f,) = segs[i].run(["features"], {"input" if i == 0 else "features_in": f})
-            feed = {"features": f} if i == 0 else {"features": f, "prev_cam": prev}
-            cls, prev, s = heads[i].run(["class", "cam", "signals"], feed)
-            count = next_patience(count, prev_cls, cls)
-            prev_cls = cls
-            if bundle.policy.should_exit(i, s, count)[0]:
-                break
-        if i < 3 and abs(policy.oriented_score(i, sig[b : b + 1, i], None)[0] - policy.thresholds[i]) < 1e-4:
-            near += 1
-            continue
-        assert (i, int(cls[0])) == (int(expected[b]), int(classes[b, expected[b]])), f"sample {b}"
-    assert near <= 2
+    pipe = bundle.pipeline()
+    assert [s.temperature for s in pipe.stages] == temps[1:] and pipe.kept == (1, 2, 3)
+    assert pipe.stages[1].has_input("prev_cam") and pipe.stages[0].has_output("cam")
+    assert not pipe.stages[0].has_input("prev_cam") and not pipe.stages[2].has_input("prev_cam")
+    runner = StageRunner(bundle, open_backend(bundle, "onnxruntime", providers="cpu"))
+    score = sig[:, 2, gate]
+    far = np.abs(score - policy.thresholds[2]) > 1e-4
+    for got in ([runner.run_one(f) for f in x], runner.run_batch(x, batch_size=32)):
+        exits = np.asarray([d.exit for d in got])
+        cls = np.asarray([d.class_id for d in got])
+        np.testing.assert_array_equal(exits[far], expected[far])
+        np.testing.assert_array_equal(cls[far], classes[np.arange(len(x)), expected][far])
+    assert (~far).sum() <= 2
 
 
 # -- atomicity and --force --------------------------------------------------------------------------------------------
@@ -239,7 +266,7 @@ def test_interrupted_export_leaves_nothing(small_model, tmp_path, monkeypatch, w
     if where == "onnx_files":
         calls = _interrupt_after(monkeypatch, onnx_export, "_export_onnx", 3)
     elif where == "checks":
-        calls = _interrupt_after(monkeypatch, onnx_export, "check_bundle_parity", 0)
+        calls = _interrupt_after(monkeypatch, onnx_export, "check_pipeline_parity", 0)
     else:
         calls = _interrupt_after(monkeypatch, onnx_export, "write_manifest", 0)
     with pytest.raises(KeyboardInterrupt):
@@ -285,16 +312,20 @@ def test_force_semantics(small_model, tmp_path, monkeypatch):
 
 
 def test_failed_check_names_file_and_tensor(small_model, tmp_path, monkeypatch):
-    class Broken(HeadGraph):
-        def forward(self, features, prev_cam=None):
-            logits, probs, cls, cam, signals = super().forward(features, prev_cam)
-            return logits, probs, cls, cam, signals + 1e-3
+    from edgeexit.export.stage_graph import StageGraph
 
-    monkeypatch.setattr(onnx_export, "HeadGraph", Broken)
+    class Broken(StageGraph):
+        def forward(self, x, prev_cam=None):
+            out = list(super().forward(x, prev_cam))
+            if self.signal_names:
+                out[3] = out[3] + 1e-3
+            return tuple(out)
+
+    monkeypatch.setattr(onnx_export, "StageGraph", Broken)
     with pytest.raises(ExportCheckError) as info:
         export_bundle(small_model, tmp_path / "b", samples=4, **QUIET)
     message = str(info.value)
-    assert "head_0.onnx" in message and "'signals'" in message and "0.001" in message and "\n" not in message
+    assert "max_prob.stage_0.onnx" in message and "'signals'" in message and "0.001" in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -346,7 +377,7 @@ def test_cli_export_and_bundle_paths(tiny_ckpt, tiny_bundle, tmp_path):
     out = tmp_path / "b"
     result, text = _cli(tiny_ckpt, "--out", out, "--samples", 4, "--tensorrt")
     assert result.exit_code == 0, text
-    assert "segment_0.onnx" in text and "full.onnx" in text and "parity" in text
+    assert "max_prob.stage_0.onnx" in text and "full.onnx" in text and text.count("parity of the") == 1
     if not ok:
         assert "warning: no TensorRT engines built: TensorRT is not installed" in text
     load_bundle(out)

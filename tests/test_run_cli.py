@@ -120,7 +120,7 @@ def test_run_save_pngs_for_images(bundle_dir, tiny_folder, tmp_path):
 
 
 def test_single_positional_source_uses_demo_bundle(monkeypatch, bundle_dir, tiny_folder):
-    import edgeexit.runtime.chain as chain
+    import edgeexit.runtime.commands as chain
 
     monkeypatch.setattr(chain, "demo_path", lambda parts: Path(bundle_dir) if parts == chain.DEMO_BUNDLE else Path("/nope"))
     image = sorted(tiny_folder.glob("circle/*.png"))[0]
@@ -144,17 +144,18 @@ def test_invalid_bundle_is_one_line_exit_2(tmp_path, tiny_folder):
     assert line.startswith("edgeexit: error:") and "manifest.json" in line
 
 
-def test_tampered_bundle_is_one_line_exit_2(tmp_path, bundle_dir, tiny_folder):
+def test_tampered_bundle_is_one_line_exit_2(tmp_path, bundle_dir, bundle, tiny_folder):
     import shutil
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle_dir, copy)
-    with open(copy / "head_1.onnx", "ab") as fh:
+    name = bundle.pipeline().stages[1].file
+    with open(copy / name, "ab") as fh:
         fh.write(b"\0")
     result = invoke("run", copy, tiny_folder)
     assert result.exit_code == 2
     [line] = error_lines(result.stderr)
-    assert "SHA-256" in line and "head_1.onnx" in line
+    assert "SHA-256" in line and name in line
 
 
 def test_corrupt_image_is_skipped_and_counted(bundle_dir, tiny_folder, tmp_path):
@@ -184,7 +185,7 @@ def test_camera_that_cannot_be_opened_is_one_line_exit_2(bundle_dir):
 def test_missing_input_and_demo_assets(bundle_dir, monkeypatch, tmp_path):
     result = invoke("run", bundle_dir, tmp_path / "nothing.png")
     assert result.exit_code == 2 and "input not found" in result.stderr
-    import edgeexit.runtime.chain as chain
+    import edgeexit.runtime.commands as chain
 
     monkeypatch.setattr(chain, "DEMO_BUNDLE", ("assets", "no-such-demo"))
     result = invoke("run")
@@ -196,9 +197,10 @@ def test_missing_input_and_demo_assets(bundle_dir, monkeypatch, tmp_path):
 def test_bad_options_are_one_line_exit_2(bundle_dir, tiny_folder):
     for args, needle in (
         (("--threshold", "high"), "--threshold"),
-        (("--threshold", "0.5,0.5"), "entries"),
+        (("--threshold", "0.5,0.5"), "internal exits"),
         (("--max-exit", "9"), "max_exit"),
-        (("--gate", "sal_entropy"), "needs thresholds"),
+        (("--gate", "sal_entropy"), "not in this bundle"),
+        (("--gate", "nonsense"), "unknown gate"),
         (("--backend", "magic"), "unknown backend"),
         (("--providers", "cuda"), "not available"),
     ):

@@ -14,6 +14,7 @@ import pytest
 from edgeexit.runtime.backends import OrtBackend
 from edgeexit.runtime.bundle import load_bundle
 from edgeexit.runtime.chain import ExitRunner
+from edgeexit.runtime.backends import open_backend
 
 from .test_runtime import bundle_path_for
 
@@ -47,7 +48,7 @@ def test_runtime_chain_without_torch(bundle_dir, tiny_folder, tmp_path):
         else:
             raise SystemExit("torch should be blocked")
         import edgeexit.runtime as rt
-        for name in ("backends", "bundle", "chain", "doctor", "meters", "outputs", "sources", "summary",
+        for name in ("backends", "bundle", "chain", "commands", "engine", "doctor", "meters", "outputs", "sources", "summary",
                      "tensorrt_backend"):
             importlib.import_module("edgeexit.runtime." + name)
         bundle = rt.load_bundle(sys.argv[1])
@@ -61,7 +62,7 @@ def test_runtime_chain_without_torch(bundle_dir, tiny_folder, tmp_path):
         assert sys.modules["torch"] is None, "something replaced the torch block"
         heavy = sorted(m for m, mod in list(sys.modules.items())
                        if mod is not None and m.split(".")[0] in ("torch", "onnx", "matplotlib"))
-        print(json.dumps({"decisions": [[d.class_id, d.exit_index, d.confidence] for d in decisions],
+        print(json.dumps({"decisions": [[d.class_id, d.exit, d.confidence] for d in decisions],
                           "torch_row": rows["torch"], "heavy": heavy, "backend": backend.describe()}))
     """
     proc = run_python(code, str(bundle_dir), str(tiny_folder), cwd=tmp_path)
@@ -74,11 +75,11 @@ def test_runtime_chain_without_torch(bundle_dir, tiny_folder, tmp_path):
     import numpy as np
 
     bundle = load_bundle(bundle_dir)
-    backend = OrtBackend(bundle, providers="cpu")
+    backend = open_backend(bundle, "onnxruntime", providers="cpu")
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(tiny_folder.glob("*/*.png"))]
     want = ExitRunner(bundle, backend, threshold=0.36).run_images(images)
     got = result["decisions"]
-    assert [g[:2] for g in got] == [[d.class_id, d.exit_index] for d in want]
+    assert [g[:2] for g in got] == [[d.class_id, d.exit] for d in want]
     np.testing.assert_allclose([g[2] for g in got], [d.confidence for d in want], atol=1e-6)
 
 

@@ -48,13 +48,13 @@ def print_bundle_table(bundle: Bundle, console: Optional[Any] = None) -> None:
     title = (f"bundle {bundle.path.name}: {bundle.num_classes} classes, gates {', '.join(bundle.pipelines)} "
              f"(default {bundle.default_gate})")
     table = Table(title=title, title_justify="left")
-    for col in ("file", "exit", "MACs", "params", "size", "max |ORT - torch|"):
-        table.add_column(col, justify="left" if col in ("file", "max |ORT - torch|") else "right")
+    for col in ("file", "exit", "MACs", "params", "size", "max |ORT-torch|"):
+        table.add_column(col, justify="left" if col == "file" else "right", no_wrap=col == "file")
     with_engines = any(r["engine"] for r in rows)
     if with_engines:
         table.add_column("TensorRT engine")
     for r in rows:
-        parity = ", ".join(f"{k} {v:.0e}" for k, v in r["parity"].items()) if r["parity"] else "-"
+        parity = f"{max(r['parity'].values()):.0e}" if r["parity"] else "-"
         cells = [r["file"], "-" if r["exit"] is None else str(r["exit"]), _human(r["macs"]), _human(r["params"]),
                  _mb(r["size"]), parity]
         if with_engines:
