@@ -163,7 +163,8 @@ def read_blob(data: bytes) -> Dict[str, Any]:
     return pickle.loads(data[len(MAGIC):])
 
 
-def make_fake_trt(cuda: FakeCuda, version: str = "10.3.0") -> Any:
+def make_fake_trt(cuda: FakeCuda, version: str = "10.3.0", fast_fp16: bool = True, fail_parse: bool = False,
+                  fail_build: bool = False) -> Any:
     """A ``tensorrt`` module: Builder/OnnxParser (build_engine's calls), Runtime -> engine -> context (the
     runtime's calls), the calls counted in ``trt.calls`` and per context in ``context.calls`` ((call, tensor))."""
     trt = types.SimpleNamespace(__version__=version, calls=Counter(), contexts=[], builders=[])
@@ -204,10 +205,10 @@ def make_fake_trt(cuda: FakeCuda, version: str = "10.3.0") -> Any:
 
     class Config:
         def __init__(self) -> None:
-            self.flags, self.profiles, self.int8_calibrator = set(), [], None
+            self.flags, self.profiles, self.int8_calibrator, self.pools = set(), [], None, {}
 
         def set_memory_pool_limit(self, pool: Any, size: int) -> None:
-            pass
+            self.pools[pool] = size
 
         def set_flag(self, flag: str) -> None:
             self.flags.add(flag)
@@ -220,7 +221,7 @@ def make_fake_trt(cuda: FakeCuda, version: str = "10.3.0") -> Any:
             pass
 
     class Builder:
-        platform_has_fast_fp16 = True
+        platform_has_fast_fp16 = fast_fp16
         platform_has_fast_int8 = True
 
         def __init__(self, logger: Any) -> None:
@@ -231,12 +232,15 @@ def make_fake_trt(cuda: FakeCuda, version: str = "10.3.0") -> Any:
             return self.network
 
         def create_builder_config(self) -> Config:
-            return Config()
+            self.config = Config()
+            return self.config
 
         def create_optimization_profile(self) -> Profile:
             return Profile()
 
-        def build_serialized_network(self, network: Network, config: Config) -> bytes:
+        def build_serialized_network(self, network: Network, config: Config) -> Any:
+            if fail_build:
+                return None
             cal = config.int8_calibrator
             if cal is not None:
                 names = [t.name for t in network.inputs]
@@ -247,12 +251,18 @@ def make_fake_trt(cuda: FakeCuda, version: str = "10.3.0") -> Any:
             return bytearray(engine_blob(network.onnx, top, config.flags))
 
     class OnnxParser:
-        num_errors = 0
-
         def __init__(self, network: Network, logger: Any) -> None:
-            self.network = network
+            self.network, self.errors = network, []
+
+        num_errors = property(lambda self: len(self.errors))
+
+        def get_error(self, i: int) -> Any:
+            return self.errors[i]
 
         def parse(self, data: bytes) -> bool:
+            if fail_parse:
+                self.errors = [types.SimpleNamespace(desc=lambda: "In node 3 (importFoo): UNSUPPORTED_NODE: Foo")]
+                return False
             model = onnx.load_from_string(data)
             self.network.onnx = bytes(data)
             self.network.inputs = [Tensor(v) for v in model.graph.input]
