@@ -224,6 +224,17 @@ def test_engines_are_rebuilt_for_another_tensorrt_and_cached(stage_bundle, tmp_p
             backend.engine(stage)
             assert backend.max_batch == 4
     assert built == [(stage.file, "fp16", 4)]  # the second backend read the cache
+    # TensorRT 8.x returns the int64 class as int32: the chain's int64 host buffers still get the classes
+    x = _images(bundle, 6)
+    with OrtBackend() as ort_backend:
+        want = StageRunner(bundle, ort_backend, threshold=_mixed_thresholds(bundle, x)).run_batch(x, batch_size=1)
+    old = TensorRTBackend(bundle, max_batch=4, trt_module=make_fake_trt(cuda, "8.6.1"), cuda_module=cuda,
+                          builder=builder, cache_dir=tmp_path / "cache")
+    with old:
+        runner = StageRunner(bundle, old, threshold=_mixed_thresholds(bundle, x))
+        assert runner._stages[0].output_types["class"] == np.int32
+        _same(runner.run_batch(x, batch_size=1), want)
+        _same(runner.run_batch(x, batch_size=4), want)
     with pytest.raises(BackendError, match="rebuilding is off"):
         TensorRTBackend(bundle, trt_module=make_fake_trt(cuda, "8.6.1"), cuda_module=cuda, rebuild=False).engine(stage)
     assert plan_batch({"input": ((-1, 3, 8, 8), (16, 3, 8, 8))}, 32) == 16

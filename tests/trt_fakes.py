@@ -319,6 +319,8 @@ def make_fake_trt(cuda: FakeCuda, version: str = "10.3.0", fast_fp16: bool = Tru
             self.shapes = {t.name: tuple(d if isinstance(d, int) else -1 for d in t.shape) for t in io}
             kinds = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
             self.dtypes = {t.name: DTYPES[np.dtype(kinds[t.type])] for t in io}
+            if int(version.split(".")[0]) < 10:  # TensorRT 8.x has no int64 IO tensors: it returns int32
+                self.dtypes = {n: DTYPES[np.dtype(np.int32)] if d.name == "INT64" else d for n, d in self.dtypes.items()}
 
         num_io_tensors = property(lambda self: len(self.names))
 

@@ -316,26 +316,38 @@ class TRTEngine(Engine):
         for n, buf in {**inputs, **outputs}.items():
             if not isinstance(buf.value, DeviceMemory):
                 raise BackendError(f"{self.name}: buffer {n} is not a TensorRT backend buffer")
-            if n in self.dtypes and buf.dtype != self.dtypes[n]:
+            if n in self.input_names and buf.dtype != self.dtypes[n]:
                 raise BackendError(f"{self.name}: buffer {n} is {buf.dtype}, the engine's tensor is {self.dtypes[n]}")
         self._set_inputs({n: inputs[n].shape for n in self.input_names})
         addresses: Dict[str, int] = {n: inputs[n].value.ptr for n in self.input_names}
+        copy_out: List[Tuple[np.ndarray, int]] = []
+        casts: List[Tuple[np.ndarray, np.ndarray]] = []  # (caller's host view, engine-typed staging)
         for n in self.output_names:
             shape = tuple(int(d) for d in self.context.get_tensor_shape(n))
-            nbytes = volume(shape) * self.dtypes[n].itemsize
-            if n in outputs:
-                if outputs[n].shape != shape:
-                    raise BackendError(f"{self.name}: output buffer {n} has shape {list(outputs[n].shape)}, "
-                                       f"the engine writes {list(shape)}")
-                addresses[n] = outputs[n].value.ptr
-            else:  # computed anyway: a device scratch buffer of its own
-                scratch = DeviceMemory(self._cuda.mem_alloc(max(1, nbytes)), max(1, nbytes))
-                self._scratch.append(scratch)
-                addresses[n] = scratch.ptr
+            nbytes = max(1, volume(shape) * self.dtypes[n].itemsize)
+            buf = outputs.get(n)
+            if buf is not None and buf.shape != shape:
+                raise BackendError(f"{self.name}: output buffer {n} has shape {list(buf.shape)}, "
+                                   f"the engine writes {list(shape)}")
+            if buf is not None and buf.dtype == self.dtypes[n]:
+                addresses[n] = buf.value.ptr
+                if buf.host is not None:
+                    copy_out.append((buf.host, buf.value.ptr))
+                continue
+            # not asked for (computed anyway), or another dtype: TensorRT before 10 returns int64 tensors (class)
+            # as int32, so the engine writes to a buffer of its own and the host view gets a cast copy
+            scratch = DeviceMemory(self._cuda.mem_alloc(nbytes), nbytes)
+            self._scratch.append(scratch)
+            addresses[n] = scratch.ptr
+            if buf is not None and buf.host is None:
+                raise BackendError(f"{self.name}: output buffer {n} is {buf.dtype} on the device, the engine's "
+                                   f"tensor is {self.dtypes[n]}")
+            if buf is not None:
+                staging = self._cuda.pagelocked_empty(shape, self.dtypes[n])
+                copy_out.append((staging, scratch.ptr))
+                casts.append((buf.host, staging))
         shapes = {n: inputs[n].shape for n in self.input_names}
         copy_in = [(inputs[n].value.ptr, inputs[n].host) for n in self.input_names if inputs[n].host is not None]
-        copy_out = [(buf.host, buf.value.ptr) for n, buf in outputs.items()
-                    if buf.host is not None and n in self.output_names]
         token = object()
 
         def apply() -> None:
@@ -362,6 +374,8 @@ class TRTEngine(Engine):
             for host, ptr in copy_out:
                 dtoh(host, ptr, stream)
             stream.synchronize()
+            for host, staging in casts:
+                np.copyto(host, staging, casting="unsafe")
 
         return call
 
