@@ -31,6 +31,22 @@ def stage_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     return Path(root)
 
 
+@pytest.fixture(scope="module")
+def cam_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    """The same with a CAM-comparing gate (coh_ssim): stages take ``prev_cam`` and return ``cam``, which stays on
+    the device from one stage to the next."""
+    from edgeexit.export.onnx_export import export_bundle
+    from edgeexit.policy import ExitPolicy
+
+    policy = ExitPolicy.default(4, "coh_ssim", 0.5)
+    root = export_bundle(tiny_ckpt, tmp_path_factory.mktemp("trt_cam") / "b", samples=8, policy=policy,
+                         log=lambda _m: None)
+    cuda = FakeCuda()
+    tb.build_bundle_engines(root, fp16=True, max_batch=8, trt_module=make_fake_trt(cuda), cuda_module=cuda,
+                            monolithic=False, log=lambda _m: None)
+    return Path(root)
+
+
 def _backend(bundle, cuda=None, **kwargs):
     cuda = cuda or FakeCuda()
     trt = make_fake_trt(cuda)
@@ -50,7 +66,9 @@ def _mixed_thresholds(bundle, x):
     for j, stage in enumerate(pipe.stages[:-1]):
         session = tb._ort_session(stage.path)
         (signals,) = session.run(["signals"], feeds[stage.file])
-        out.append(float(np.quantile(signals[:, 0], 0.6 - 0.15 * j)))
+        score = signals[:, 0]
+        threshold = float(np.quantile(score, 0.6 - 0.15 * j))
+        out.append(threshold if (score < threshold).any() else float(score.max()) + 1.0)  # a constant score: stay
     return out
 
 
@@ -76,18 +94,21 @@ def test_build_records_one_checked_engine_per_graph(stage_bundle):
     assert manifest["monolithic"]["engine"]["checks"]["ok"]
 
 
+@pytest.mark.parametrize("which", ["stage_bundle", "cam_bundle"])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_decisions_equal_onnxruntime(stage_bundle, batch):
-    bundle = load_bundle(stage_bundle)
+def test_decisions_equal_onnxruntime(request, which, batch):
+    bundle = load_bundle(request.getfixturevalue(which))
+    if which == "cam_bundle":
+        assert any(s.has_input("prev_cam") for s in bundle.pipeline().stages)
     x = _images(bundle)
     backend, trt, cuda = _backend(bundle)
     with backend, OrtBackend() as ort_backend:
-        for threshold in (_mixed_thresholds(bundle, x), 0.0):
+        for threshold in (_mixed_thresholds(bundle, x), -1e9):  # frames leave at every stage; all at the first
             got = StageRunner(bundle, backend, threshold=threshold).run_batch(x, batch_size=batch)
             want = StageRunner(bundle, ort_backend, threshold=threshold).run_batch(x, batch_size=batch)
             _same(got, want)
             assert all(d.failed is None for d in got)
-            assert len({d.exit for d in got}) == (len(bundle.pipeline().stages) if threshold else 1)
+            assert len({d.exit for d in got}) >= 3 if threshold != -1e9 else {d.exit for d in got} == {0}
         assert backend.max_batch == 8 and "tensorrt 10.3.0 on Fake GPU" in backend.describe()
         assert not backend.rebuilt  # the bundle's own engines were taken
     assert cuda.contexts.count("push") == cuda.contexts.count("pop") == 1
