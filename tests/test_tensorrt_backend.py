@@ -285,3 +285,18 @@ def test_real_tensorrt_stage_engines(tiny_ckpt, tmp_path):
             want = StageRunner(bundle, ort_backend, threshold=0.6).run_batch(x, batch_size=batch)
             agree = np.mean([a.class_id == b.class_id and a.exit == b.exit for a, b in zip(got, want)])
             assert agree >= 0.9  # FP16 may move frames near a threshold
+
+
+def test_open_backend_tensorrt_opens_every_stage(stage_bundle):
+    from edgeexit.runtime.backends import open_backend
+
+    bundle = load_bundle(stage_bundle)
+    cuda = FakeCuda()
+    trt = make_fake_trt(cuda)
+    lib = FakeGraphLib(cuda)
+    with open_backend(bundle, "tensorrt", max_batch=8, trt_module=trt, cuda_module=cuda, cuda_graphs=True,
+                      graph_lib=lib) as backend:
+        assert isinstance(backend, TensorRTBackend) and backend.cuda_graphs
+        assert len(trt.contexts) == len(bundle.pipeline().stages)  # opened up front: a bad engine fails here
+    with pytest.raises(BackendError, match="--providers applies to the onnxruntime backend only"):
+        open_backend(bundle, "tensorrt", providers="cpu", trt_module=trt, cuda_module=cuda)
