@@ -329,7 +329,7 @@ def export(
     Runtime); --tensorrt also builds engines, or (re)builds them for an existing bundle."""
     from .export.command import export_command
     from .export.summary import print_bundle_table
-    from .export.tensorrt import TensorRTError
+    from .runtime.tensorrt_build import TensorRTError
 
     try:
         bundle = export_command(

@@ -14,7 +14,7 @@ _LAZY = {
     "export_bundle": "onnx_export",
     "ExportError": "onnx_export",
     "ExportCheckError": "onnx_export",
-    "build_bundle_engines": "tensorrt",
+    "build_bundle_engines": "tensorrt",  # a re-export of edgeexit.runtime.tensorrt_build
     "TensorRTMissing": "tensorrt",
 }
 

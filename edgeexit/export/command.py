@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..runtime.bundle import Bundle, is_bundle_dir, load_bundle
-from .tensorrt import TensorRTMissing, build_bundle_engines, tensorrt_available
+from ..runtime.tensorrt_build import TensorRTMissing, build_bundle_engines, tensorrt_available
 
 __all__ = ["export_command"]
 
