@@ -261,6 +261,8 @@ def run(
                                             "tensorrt,cuda,cpu (default: the best available)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads per ONNX Runtime session (default 1: "
                                 "a chain runs sessions one after another, and more threads per session contend)."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="TensorRT: capture each stage in a CUDA graph "
+                                     "at the batch size used (fewer launch costs per frame)."),
     loop: bool = typer.Option(False, "--loop", help="Restart files, folders and videos at the end."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=0, help="Stop after this many frames."),
     width: Optional[int] = typer.Option(None, "--width", help="Camera capture width."),
@@ -280,7 +282,7 @@ def run(
         code = run_command(RunOptions(
             bundle, source, out=str(out) if out else None, save=str(save) if save else None, batch=batch, gate=gate,
             threshold=threshold, max_exit=max_exit, full=full, backend=backend, providers=providers, threads=threads,
-            loop=loop, max_frames=max_frames, width=width, height=height, fps=fps, quiet=quiet))
+            cuda_graphs=cuda_graphs, loop=loop, max_frames=max_frames, width=width, height=height, fps=fps, quiet=quiet))
     except (BundleError, SourceError, BackendError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:

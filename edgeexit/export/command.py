@@ -44,6 +44,7 @@ def export_command(
         raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
     ckpt = Path(ckpt)
     calibration = calib_data
+    check_images = None
     if is_bundle_dir(ckpt):
         if not tensorrt:
             raise ValueError(f"{ckpt} is a bundle directory: pass --tensorrt to build its TensorRT engines, "
@@ -85,7 +86,15 @@ def export_command(
             if not ok:
                 warn(f"no TensorRT engines built: {reason}")
                 tensorrt = False
+            else:  # the engines are checked against their ONNX graphs on held-out images, as the export was
+                from ..checkpoint import load_checkpoint
+                from ..preprocess import Preprocess
+
+                data = load_checkpoint(ckpt)
+                held_out, source = validation_inputs(data, Preprocess.from_dict(data["preprocess"]), data["classes"],
+                                                     samples, echo)
+                check_images = held_out if source == "validation" else None
     if tensorrt:
         build_bundle_engines(bundle_dir, fp16=fp16, int8=int8, calibration_images=calibration, calib_count=calib_images,
-                             max_batch=max_batch, log=echo)
+                             max_batch=max_batch, check_images=check_images, log=echo)
     return load_bundle(bundle_dir, verify=False)

@@ -98,6 +98,7 @@ class RunOptions:
     backend: str = "auto"
     providers: Optional[str] = None
     threads: Optional[int] = 1
+    cuda_graphs: bool = False
     loop: bool = False
     max_frames: Optional[int] = None
     width: Optional[int] = None
@@ -139,8 +140,11 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
     bundle_path, source_uri, _demo = resolve_inputs(bundle_path, source_uri)
 
     bundle = load_bundle(bundle_path)
+    extra = {"cuda_graphs": True} if o.cuda_graphs else {}
+    if o.cuda_graphs and backend not in ("tensorrt", "auto"):
+        raise ValueError("--cuda-graphs applies to the tensorrt backend")
     engines = open_backend(bundle, backend, providers=providers, threads=threads, max_batch=max(batch, 1), gate=gate,
-                           full=full)
+                           full=full, **extra)
     source = None
     writer = saver = None
     stats: Optional[RunStats] = None
