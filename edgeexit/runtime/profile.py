@@ -28,8 +28,8 @@ a video or camera gives its first frames, shuffled the same way; a source with f
    network's rate. It measures what cutting the network into stages really costs (the layout conversions of the
    features passed between stages included), which a call of an empty graph would miss. Clamped at 0 (noise on a
    tiny model); undefined for a pipeline of one stage (no costs.json then: nothing to calibrate).
-4. **Adaptive, full and chain on the same frames, interleaved** in rotating blocks of ``block`` frames (the order
-   of the modes rotates each block): ``adaptive`` the pipeline with its policy, ``full`` the monolithic
+4. **Adaptive, full and chain on the same frames, interleaved** in rotating blocks of ``block`` frames (rounded
+   up to whole batches; the order of the modes rotates each block): ``adaptive`` the pipeline with its policy, ``full`` the monolithic
    ``full.onnx`` (the plain network, as ``run --full``), ``chain`` every stage with no exit taken (the worst case
    of the pipeline). Latency per batch (= per frame at batch 1), throughput over the summed time, exit
    histogram, energy per frame from the meter's marks (one window per block, per rail where the meter has
@@ -307,7 +307,7 @@ class Profiler:
         self.batch = int(batch)
         self.warmup_ms = float(warmup_ms)
         self.iterations = int(iterations)
-        self.block = max(1, int(block))
+        self.block = math.ceil(max(1, int(block)) / self.batch) * self.batch  # whole batches per block
         self.log = log
         gate = self.pipeline.gate
         self.runners = {"adaptive": StageRunner(bundle, backend, gate=gate),
