@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, TextIO
 
+from .profile import BLOCK_FRAMES
+
 __all__ = ["ProfileOptions", "profile_command"]
 
 
@@ -33,7 +35,7 @@ class ProfileOptions:
     batch: int = 1
     frames: int = 200
     seed: int = 0
-    block: int = 25
+    block: int = BLOCK_FRAMES
     warmup_ms: float = 200.0
     iterations: int = 200
     meter: str = "auto"

@@ -51,7 +51,6 @@ the measurement and the result documents.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
