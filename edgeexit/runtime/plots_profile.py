@@ -91,7 +91,7 @@ def plot_latency_breakdown(result: Dict[str, Any], path: Path) -> Path:
     batch = result["settings"]["batch"]
     ax.set_ylabel("latency per frame (ms)" + (f", batch {batch}" if batch != 1 else ""))
     gate = result["bundle"].get("gate")
-    ax.set_title(f"Cost of leaving at each kept exit (stages alone, mean latency; gate {gate})\n{_subtitle(result)}",
+    ax.set_title(f"Cost of leaving at each kept exit (stages alone, median latency; gate {gate})\n{_subtitle(result)}",
                  fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="upper left", frameon=False)
     ax.grid(axis="y", alpha=0.3)

@@ -35,7 +35,11 @@ a video or camera gives its first frames, shuffled the same way; a source with f
    histogram, energy per frame from the meter's marks (one window per block, per rail where the meter has
    rails), the savings of adaptive over full, and what the stage costs predict for this exit mix.
 
-Energy of a stage / full.onnx = the meter's mean power during its timing loop x its mean latency (W x ms = mJ).
+The cost of a stage / full.onnx is its **median** latency per frame (``COST_STATISTIC``): the cost model subtracts
+sums of stage times, and on a shared host the mean of a loop is dominated by preemptions (measured on this 2-core
+machine: stage means 2-4x their medians, which made the boundary negative); on a quiet device with locked clocks
+mean and median agree. Every statistic is reported. Energy of a stage / full.onnx = the meter's mean power during
+its timing loop x that latency (W x ms = mJ).
 With ``--meter constant --power-watts W`` every energy figure is an *estimate* and says so ("label": "estimate").
 
 ``costs.json`` (docs/architecture.md, "Device costs"; :func:`costs_from_profile`) holds compute-only costs per
@@ -93,6 +97,7 @@ MIN_WINDOW_SAMPLES = 10  # a sampled meter's per-part window spans at least this
 MAX_PART_SECONDS = 30.0  # a per-part loop that has its iterations stops extending its window after this
 TRACE_POINTS = 20000  # power-trace points kept in profile.json (decimated beyond)
 BLOCK_FRAMES = 25  # frames per block of one mode in the interleaved runs
+COST_STATISTIC = "median"  # of each part's latencies: what the cost model and costs.json use (module docstring)
 SPLIT_RULE = "stage time by MAC share"
 MONOLITHIC = "full.onnx"
 
@@ -621,7 +626,7 @@ def _part_dict(part: PartResult, reading: Any, is_estimate: bool, rate_hz: Optio
     d: Dict[str, Any] = {
         "index": part.index, "name": part.label, "rows": part.rows, "macs": part.macs,
         "latency_ms": stats,
-        "latency_ms_per_frame": stats["mean"] / part.rows if part.rows else float("nan"),
+        "latency_ms_per_frame": stats[COST_STATISTIC] / part.rows if part.rows else float("nan"),
         "energy_mj": None,
         "notes": list(part.notes),
     }
@@ -630,12 +635,12 @@ def _part_dict(part: PartResult, reading: Any, is_estimate: bool, rate_hz: Optio
     if reading is not None:
         e = _label_energy(reading, part.label)
         watts = e["joules"] / e["seconds"] if e["seconds"] > 0 else float("nan")
-        per_call = watts * stats["mean"]  # W x ms = mJ
+        per_call = watts * stats[COST_STATISTIC]  # W x ms = mJ
         d["energy_mj"] = {
             "per_call": per_call,
             "per_frame": per_call / part.rows if part.rows else float("nan"),
             "mean_watts": watts,
-            "per_rail_per_frame": {r: (j / e["seconds"]) * stats["mean"] / part.rows if e["seconds"] > 0 else None
+            "per_rail_per_frame": {r: (j / e["seconds"]) * stats[COST_STATISTIC] / part.rows if e["seconds"] > 0 else None
                                    for r, j in e["per_rail"].items()},
             "window_s": e["seconds"],
             "label": _energy_label(is_estimate),
@@ -724,11 +729,11 @@ def _savings(runs: Dict[str, Dict[str, Any]], stages: List[Dict[str, Any]], mono
             adaptive = float(np.dot(hist, cum) / hist.sum())
             pred[key] = {"adaptive": adaptive, "full": float(m), "chain": float(cum[-1]),
                          "saving": _ratio_saving(adaptive, m)}
-            if key == "latency_ms":  # measured per-frame time minus what the engine calls alone take
+            if key == "latency_ms":  # measured per-frame time (same statistic) minus what the calls alone take
                 for mode, p in (("adaptive", adaptive), ("full", float(m)), ("chain", float(cum[-1]))):
                     run = runs.get(mode)
                     if run:
-                        per_frame = run["wall_s"] * 1e3 / run["frames"] if run["frames"] else float("nan")
+                        per_frame = run["latency_ms"][COST_STATISTIC] / run["batch"]
                         pred[key][f"measured_{mode}"] = per_frame
                         pred[key][f"overhead_{mode}"] = per_frame - p
         out["predicted_from_stages"] = pred
@@ -777,13 +782,13 @@ def costs_from_profile(result: Dict[str, Any], metric: str = "latency_ms") -> Di
         return {"segments": [_sig(v) for v in m["segments"]], "heads": [_sig(v) for v in m["heads"]],
                 "boundary": _sig(m["boundary"]), "split": SPLIT_RULE, "per": "frame", "batch": batch, **extra}
 
-    latency = entry("latency_ms", {"statistic": "mean", "label": "measured"})
+    latency = entry("latency_ms", {"statistic": COST_STATISTIC, "label": "measured"})
     if latency is None:
         why = (model.get("latency_ms") or {}).get("note") or "latency could not be measured for every stage"
         raise ValueError(f"costs.json needs the per-call overhead: {why}")
     measured: Dict[str, Any] = {
         "latency_ms": latency,
-        "energy_mj": entry("energy_mj", {"statistic": "mean power x mean latency", "meter": meter.get("name"),
+        "energy_mj": entry("energy_mj", {"statistic": f"mean power x {COST_STATISTIC} latency", "meter": meter.get("name"),
                                          "is_estimate": is_estimate, "label": _energy_label(is_estimate)})
         if meter else None,
     }
@@ -879,7 +884,7 @@ def build_result(prof: Optional[Profiler], ctx: Dict[str, Any], complete: bool, 
     noisy = [p["name"] for p in stages + monos if _finite(p["latency_ms"]["cv"]) and p["latency_ms"]["cv"] > 0.5]
     if noisy:
         notes.append(f"latency varies a lot (CV > 50%) for {', '.join(noisy)}: outliers (other load, clock changes) "
-                     "raise the means costs.json holds; close other programs, lock clocks, or raise --iterations")
+                     "widen every statistic; close other programs, lock clocks, or raise --iterations")
     if is_estimate:
         notes.append("energy figures are estimates (constant power x time), not measurements; with a constant power "
                      "energy costs are proportional to latency")
@@ -905,7 +910,7 @@ def build_result(prof: Optional[Profiler], ctx: Dict[str, Any], complete: bool, 
             "warmup_actual_ms": prof.warmup_s * 1e3 if prof else None,
             "warmup_passes": prof.warmup_passes if prof else None,
             "iterations": ctx["iterations"], "block": ctx.get("block"), "seed": ctx.get("seed"),
-            "cost_metric": ctx["cost_metric"], "timer": "time.perf_counter_ns", "cost_statistic": "mean",
+            "cost_metric": ctx["cost_metric"], "timer": "time.perf_counter_ns", "cost_statistic": COST_STATISTIC,
             "bound_buffers": True,
         },
         "stages": stages,
