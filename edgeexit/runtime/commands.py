@@ -106,7 +106,7 @@ def profile_command(options: ProfileOptions, stdout: Optional[TextIO] = None, st
     if power is None and o.cost_metric == "energy_mj":
         raise ValueError("--cost-metric energy_mj needs a power meter (none found with --meter "
                          f"{o.meter_spec}); pass --meter jetson|nvml|rapl, or --meter constant --power-watts W for an estimate")
-    clocks = prof._clocks_value(jetson_clocks_locked(o.meter_root))
+    clocks = prof.clocks_value(jetson_clocks_locked(o.meter_root))
 
     bundle = load_bundle(bundle_path)
     pipeline = bundle.pipeline(o.gate)
@@ -129,7 +129,7 @@ def profile_command(options: ProfileOptions, stdout: Optional[TextIO] = None, st
                                      iterations=o.iterations, block=o.block, log=info)
             mdesc = "no power meter" if power is None else power.description
             info(f"bundle {bundle_path} ({bundle.num_exits} exits; gate {pipeline.gate}, stages end at exits "
-                 f"{', '.join(map(str, pipeline.kept))}); {engines.describe()}; {mdesc}; clocks {prof._clocks_text(clocks)}")
+                 f"{', '.join(map(str, pipeline.kept))}); {engines.describe()}; {mdesc}; clocks {prof.clocks_text(clocks)}")
             runner = profiler.adaptive
             x, labels, src = prof.load_frames(source_uri, runner.preprocess, runner.classes, o.frames, o.seed, warn)
             ctx["source"] = src

@@ -84,6 +84,8 @@ __all__ = [
     "write_json",
     "describe_device",
     "describe_versions",
+    "clocks_value",
+    "clocks_text",
     "Profiler",
 ]
 
@@ -219,11 +221,11 @@ def describe_versions(backend_kind: str) -> Dict[str, Optional[str]]:
     return versions
 
 
-def _clocks_value(locked: Optional[bool]) -> Any:
+def clocks_value(locked: Optional[bool]) -> Any:
     return "unknown" if locked is None else bool(locked)
 
 
-def _clocks_text(value: Any) -> str:
+def clocks_text(value: Any) -> str:
     if value is True:
         return "locked"
     if value is False:
@@ -1026,8 +1028,10 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
     dev = result["device"]
     meter = result.get("meter")
     mtxt = "no power meter" if not meter else f"meter {meter['name']}" + (" (ESTIMATE)" if meter["is_estimate"] else "")
-    title = (f"edgeexit profile: {result['bundle']['name']} on {_device_string(dev)}, {result['backend']['description']}; "
-             f"{mtxt}; clocks {_clocks_text(result['clocks_locked'])}")
+    b = result["bundle"]
+    title = (f"edgeexit profile: {b['name']} (gate {b.get('gate')}, stages end at exits "
+             f"{', '.join(map(str, b.get('kept_exits') or []))}) on {_device_string(dev)}, "
+             f"{result['backend']['description']}; {mtxt}; clocks {clocks_text(result['clocks_locked'])}")
     if not result.get("complete"):
         title += " [INTERRUPTED: partial]"
     try:
