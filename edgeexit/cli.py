@@ -353,15 +353,19 @@ def profile(
     source: Optional[str] = typer.Argument(None, help="Frames to profile on (as edgeexit run takes them: image, "
                                            "folder, video, camera ...) (default: the demo samples)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: profile-<bundle name>)."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="Profile the pipeline of another exported gate "
+                                       "(default: the bundle's)."),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt."),
     providers: Optional[str] = typer.Option(None, "--providers", help="ONNX Runtime providers in order, e.g. "
                                             "tensorrt,cuda,cpu (default: the best available)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads per ONNX Runtime session."),
-    batch: int = typer.Option(1, "--batch", min=1, help="Frames per batch."),
-    frames: int = typer.Option(200, "--frames", min=1, help="Frames of SOURCE for the adaptive and full runs "
-                               "(a shorter source is cycled)."),
+    threads: Optional[int] = typer.Option(1, "--threads", min=1, help="Intra-op threads per ONNX Runtime session."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Frames per call (stages alone and the runs)."),
+    frames: int = typer.Option(200, "--frames", min=1, help="Frames of SOURCE for the adaptive, full and chain runs, "
+                               "drawn at random over the whole source (a shorter source is cycled)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the frame selection."),
+    block: int = typer.Option(25, "--block", min=1, help="Frames per block of one mode in the interleaved runs."),
     warmup_ms: float = typer.Option(200.0, "--warmup-ms", min=0, help="Warm-up time before measuring (as trtexec)."),
-    iterations: int = typer.Option(200, "--iterations", min=1, help="Timed runs of each segment and each head alone."),
+    iterations: int = typer.Option(200, "--iterations", min=1, help="Timed runs of each stage and of full.onnx alone."),
     meter: str = typer.Option("auto", "--meter", help="Power meter: auto, jetson, nvml, rapl, constant or none."),
     power_watts: Optional[float] = typer.Option(None, "--power-watts", help="Watts for --meter constant (energy is "
                                                 "then an estimate, labelled so)."),
@@ -370,19 +374,21 @@ def profile(
                                     "costs.json (both are recorded)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
 ) -> None:
-    """Measure each segment and head alone (latency, energy) and the adaptive chain against full depth on the same
-    frames; write profile.json, costs.json (for edgeexit calibrate --costs) and plots. Works without torch."""
+    """Measure each stage and full.onnx alone (latency, energy), the per-call overhead, and the adaptive chain
+    against full depth on the same frames; write profile.json, costs.json (for edgeexit calibrate --costs) and
+    plots. Works without torch."""
     from .runtime.backends import BackendError
     from .runtime.bundle import BundleError
+    from .runtime.commands import ProfileOptions, profile_command
     from .runtime.meters import MeterError
-    from .runtime.profile import profile_command
     from .runtime.sources import SourceError
 
+    options = ProfileOptions(bundle=bundle, source=source, out=str(out) if out else None, gate=gate, backend=backend,
+                             providers=providers, threads=threads, batch=batch, frames=frames, seed=seed, block=block,
+                             warmup_ms=warmup_ms, iterations=iterations, meter=meter, power_watts=power_watts,
+                             rate_hz=rate_hz, cost_metric=cost_metric, quiet=quiet)
     try:
-        code = profile_command(bundle, source, out=str(out) if out else None, backend=backend, providers=providers,
-                               threads=threads, batch=batch, frames=frames, warmup_ms=warmup_ms, iterations=iterations,
-                               meter=meter, power_watts=power_watts, rate_hz=rate_hz, cost_metric=cost_metric,
-                               quiet=quiet)
+        code = profile_command(options)
     except (BundleError, SourceError, BackendError, MeterError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -1,35 +1,60 @@
-"""``edgeexit profile``: latency and energy of a bundle on this device, fed back into calibration (torch-free).
+"""``edgeexit profile``: latency and energy of a stage bundle on this device, fed back into calibration (torch-free).
 
-What it measures, in one process, on the frames of one SOURCE (read once, preprocessed, kept in memory so that
-decoding is not timed; a source with fewer frames than ``--frames`` is cycled):
+What it measures, in one process, on the frames of one SOURCE (decoded and preprocessed once, kept in memory so
+that decoding is not timed). An image folder is sampled without replacement in a seeded random order over the
+whole folder (``seed``), so the frames are spread across its classes, not the first N files of the first class;
+a video or camera gives its first frames, shuffled the same way; a source with fewer frames is cycled.
 
-1. **Warm-up** (as trtexec): every segment and head runs on real frames for ``warmup_ms`` (at least one pass).
-   The first pass records what each engine sees in the chain: the features segment i-1 produces for real frames
-   (segment i's input) and head i-1's CAM (head i's ``prev_cam``), for up to ``RECORD_FRAMES`` frames.
-2. **Each segment alone, each head alone** on those recorded inputs, ``iterations`` timed calls each
-   (``time.perf_counter_ns`` around ``engine.run``, exactly the call the chain makes, kept outputs included).
-   On a GPU backend the recorded input is first put back on the device by running the producing engine once
-   (untimed, outside the energy window), so a timed call pays what it pays inside the chain: no host copy.
-   With a sampled power meter each loop also runs until it spans ``MIN_WINDOW_SAMPLES`` meter samples.
-   Statistics as trtexec reports them: min, mean, median, p90, p95, p99, max, coefficient of variation.
-3. **Adaptive and full depth on the same frames**, back to back (``full``: every segment, last head only, the
-   plain network): latency per batch (= per frame at batch 1), throughput over the wall time, exit histogram,
-   energy per frame from the meter's marks ("adaptive", "full") and ``EnergyReading.segments()``, per rail where
-   the meter has rails, and the saving of adaptive over full.
+1. **Warm-up** (as trtexec): every stage of the pipeline (``gate``, default the bundle's) and the monolithic
+   ``full.onnx`` run on real frames through their bound buffers for ``warmup_ms`` (at least one pass), then the
+   adaptive, full and chain runners once.
+2. **Each stage alone and full.onnx alone**, ``iterations`` timed calls each, at ``batch`` rows per call, through
+   buffers bound once (``engine.bind``, the call the camera path makes). Stage j's input is the features stage
+   j - 1 produced for a real frame: before each chunk of calls a real frame is copied in and stages 0..j-1 run
+   once (untimed, marked "prep", outside the stage's energy window), so on a GPU the input is on the device as
+   in the chain. ``time.perf_counter_ns`` around each call. With a sampled power meter each loop also runs until
+   it spans ``MIN_WINDOW_SAMPLES`` meter samples. Statistics as trtexec reports them: min, mean, median, p90,
+   p95, p99, max, coefficient of variation.
+3. **The per-call overhead** ``boundary`` (``edgeexit.stages``: the cost of one engine call that MACs do not
+   count: launch, copies in and out, layout conversions at the graph's edges) from step 2, per frame::
 
-Energy of a segment / head = the meter's mean power during its timing loop x its mean latency
-(W x ms = mJ). With ``--meter constant --power-watts W`` every energy figure is an *estimate* and says so
-("label": "estimate") in the table, ``profile.json``, ``costs.json`` and the plot titles.
+       T_s = sum_j stage_j        (S stages, each alone: every segment, the kept heads, S calls)
+       T_m = full.onnx            (every segment, the last head, 1 call)
+       h   = MACs of the kept internal heads / MACs of full.onnx
+       boundary = (T_s - T_m - h * T_m) / (S - 1 - h)
 
-Outputs (``out`` directory): ``profile.json`` (everything), ``costs.json`` (docs/architecture.md "Device costs",
-read by ``edgeexit calibrate --costs``), and three PNG plots (``edgeexit.runtime.plots_profile``; skipped with one
-line when matplotlib is missing). Files are written atomically. Ctrl-C / SIGTERM: what was measured so far is
-printed (and written to profile.json, marked incomplete; costs.json needs every segment and head), exit code 130.
+   i.e. the solution of T_s = r * M_s + S * b and T_m = r * M_m + b with one compute rate r (ms per MAC) for the
+   whole network: chaining costs S - 1 extra calls plus the kept internal heads, and the heads are charged at the
+   network's rate. It measures what cutting the network into stages really costs (the layout conversions of the
+   features passed between stages included), which a call of an empty graph would miss. Clamped at 0 (noise on a
+   tiny model); undefined for a pipeline of one stage (no costs.json then: nothing to calibrate).
+4. **Adaptive, full and chain on the same frames, interleaved** in rotating blocks of ``block`` frames (rounded
+   up to whole batches; the order of the modes rotates each block): ``adaptive`` the pipeline with its policy, ``full`` the monolithic
+   ``full.onnx`` (the plain network, as ``run --full``), ``chain`` every stage with no exit taken (the worst case
+   of the pipeline). Latency per batch (= per frame at batch 1), throughput over the summed time, exit
+   histogram, energy per frame from the meter's marks (one window per block, per rail where the meter has
+   rails), the savings of adaptive over full, and what the stage costs predict for this exit mix.
+
+The cost of a stage / full.onnx is its **median** latency per frame (``COST_STATISTIC``): the cost model subtracts
+sums of stage times, and on a shared host the mean of a loop is dominated by preemptions (measured on this 2-core
+machine: stage means 2-4x their medians, which made the boundary negative); on a quiet device with locked clocks
+mean and median agree. Every statistic is reported. Energy of a stage / full.onnx = the meter's mean power during
+its timing loop x that latency (W x ms = mJ).
+With ``--meter constant --power-watts W`` every energy figure is an *estimate* and says so ("label": "estimate").
+
+``costs.json`` (docs/architecture.md, "Device costs"; :func:`costs_from_profile`) holds compute-only costs per
+segment and per head for all E exits of the model plus the measured ``boundary``. A stage bundle holds only the
+kept exits' stages, so each stage's compute (its latency minus one boundary) is split among the segments it runs
+and its head in proportion to their MACs (``bundle.segment_macs`` / ``head_macs``); a head that was not kept gets
+its MAC share at the ms-per-MAC rate of the stage it sits in ("split": "stage time by MAC share"). Then
+``stages.exit_costs(segments, heads, kept, boundary)`` gives back each kept exit's measured cumulative latency.
+
+The command (options, meter, files, signals) is ``edgeexit.runtime.commands.profile_command``; this module holds
+the measurement and the result documents.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
@@ -42,26 +67,41 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
+from ..stages import exit_costs, reference_cost, stage_ranges
+
 __all__ = [
     "COSTS_SCHEMA",
     "PROFILE_SCHEMA",
     "COST_METRICS",
+    "MODES",
     "latency_summary",
+    "boundary_estimate",
+    "split_stage_costs",
     "costs_from_profile",
-    "profile_command",
+    "build_result",
+    "load_frames",
     "render_table",
+    "write_json",
+    "describe_device",
+    "describe_versions",
+    "clocks_value",
+    "clocks_text",
     "Profiler",
 ]
 
-COSTS_SCHEMA = "edgeexit-costs/1"
-PROFILE_SCHEMA = "edgeexit-profile/1"
+COSTS_SCHEMA = "edgeexit-costs/2"
+PROFILE_SCHEMA = "edgeexit-profile/2"
 COST_METRICS = ("latency_ms", "energy_mj")
+MODES = ("adaptive", "full", "chain")
 STAT_KEYS = ("count", "min", "mean", "median", "p90", "p95", "p99", "max", "std", "cv")
-RECORD_FRAMES = 32  # distinct real frames whose intermediate tensors are recorded for the per-part loops
+RECORD_FRAMES = 32  # distinct real frames fed to the per-stage loops (one chunk of timed calls each)
 MIN_WINDOW_SAMPLES = 10  # a sampled meter's per-part window spans at least this many sample periods
 MAX_PART_SECONDS = 30.0  # a per-part loop that has its iterations stops extending its window after this
 TRACE_POINTS = 20000  # power-trace points kept in profile.json (decimated beyond)
-HEAD_OUTPUTS = ("class", "signals", "cam")
+BLOCK_FRAMES = 25  # frames per block of one mode in the interleaved runs
+COST_STATISTIC = "median"  # of each part's latencies: what the cost model and costs.json use (module docstring)
+SPLIT_RULE = "stage time by MAC share"
+MONOLITHIC = "full.onnx"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,11 +221,11 @@ def describe_versions(backend_kind: str) -> Dict[str, Optional[str]]:
     return versions
 
 
-def _clocks_value(locked: Optional[bool]) -> Any:
+def clocks_value(locked: Optional[bool]) -> Any:
     return "unknown" if locked is None else bool(locked)
 
 
-def _clocks_text(value: Any) -> str:
+def clocks_text(value: Any) -> str:
     if value is True:
         return "locked"
     if value is False:
@@ -198,65 +238,101 @@ def _clocks_text(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class PartResult:
-    """One segment or head measured alone."""
+    """One stage (``kind`` "stage", ``index`` j) or the monolithic model (``kind`` "monolithic") measured alone."""
 
-    kind: str  # "segment" | "head"
+    kind: str
     index: int
     rows: int  # batch rows per call
     times_ms: List[float]
     macs: int = 0
+    exit: int = -1  # the exit a stage ends at
+    segments: Tuple[int, int] = (-1, -1)
     notes: List[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return f"{self.kind}_{self.index}"
+        return f"stage_{self.index}" if self.kind == "stage" else MONOLITHIC
 
 
 @dataclass
 class RunResult:
-    """The adaptive chain or the full-depth baseline over all frames."""
+    """One mode (adaptive, full, chain) over all frames."""
 
-    mode: str  # "adaptive" | "full"
+    mode: str
     frames: int
     batch_ms: List[float]
-    wall_s: float
+    wall_s: float  # summed time of this mode's batches (the modes are interleaved)
     exits: List[int]
     failed: int
     correct: Optional[int]
     labelled: int
 
 
+class BoundChain:
+    """Every stage of a pipeline bound once at ``batch`` rows (stage j's ``features`` buffer is stage j+1's input,
+    features and CAMs stay where the backend wants them), and full.onnx bound beside it. ``calls[j]()`` runs stage
+    j; ``load(x)`` copies frames into both inputs."""
+
+    def __init__(self, bundle: Any, backend: Any, pipeline: Any, batch: int) -> None:
+        b = int(batch)
+        shape = (b, *bundle.input_shape)
+        self.input = backend.buffer(shape, np.float32)
+        self.calls: List[Callable[[], None]] = []
+        feed, cam = self.input, None
+        for f in pipeline.stages:
+            outs = {s.name: backend.buffer((b, *s.static_shape), np.dtype(s.dtype), host=s.name not in ("features", "cam"))
+                    for s in f.outputs}
+            inputs = {f.input_names[0]: feed}
+            if f.has_input("prev_cam"):
+                inputs["prev_cam"] = cam
+            self.calls.append(backend.engine(f).bind(inputs, outs))
+            feed, cam = outs["features"], outs.get("cam")
+        mono = bundle.monolithic
+        self.mono_input = backend.buffer(shape, np.float32)
+        outs = {s.name: backend.buffer((b, *s.static_shape), np.dtype(s.dtype)) for s in mono.outputs}
+        self.mono = backend.engine(mono).bind({mono.input_names[0]: self.mono_input}, outs)
+
+    def load(self, x: np.ndarray) -> None:
+        np.copyto(self.input.host, x)
+        np.copyto(self.mono_input.host, x)
+
+
 class Profiler:
     """Runs the measurement steps on an open backend; results accumulate in attributes as each step finishes, so
     an interrupted profile still reports what it measured."""
 
-    def __init__(self, bundle: Any, backend: Any, meter: Any = None, *, batch: int = 1, warmup_ms: float = 200.0,
-                 iterations: int = 200, log: Callable[[str], None] = lambda _m: None,
-                 min_window_s: Optional[float] = None):
-        from .chain import ExitRunner  # noqa: PLC0415
+    def __init__(self, bundle: Any, backend: Any, meter: Any = None, *, gate: Optional[str] = None, batch: int = 1,
+                 warmup_ms: float = 200.0, iterations: int = 200, block: int = BLOCK_FRAMES,
+                 log: Callable[[str], None] = lambda _m: None, min_window_s: Optional[float] = None):
+        from .chain import StageRunner  # noqa: PLC0415
 
         self.bundle = bundle
         self.backend = backend
         self.meter = meter
+        self.pipeline = bundle.pipeline(gate)
         self.batch = int(batch)
         self.warmup_ms = float(warmup_ms)
         self.iterations = int(iterations)
+        self.block = math.ceil(max(1, int(block)) / self.batch) * self.batch  # whole batches per block
         self.log = log
-        self.adaptive = ExitRunner(bundle, backend)
-        self.full = ExitRunner(bundle, backend, full=True)
-        self.num_exits = backend.num_exits
+        gate = self.pipeline.gate
+        self.runners = {"adaptive": StageRunner(bundle, backend, gate=gate),
+                        "full": StageRunner(bundle, backend, gate=gate, full=True),
+                        "chain": StageRunner(bundle, backend, gate=gate, threshold=math.inf)}  # never leaves early
+        self.adaptive = self.runners["adaptive"]
+        self.num_exits = int(bundle.num_exits)
         sampled = meter is not None and not getattr(meter, "is_estimate", False) and hasattr(meter, "rate_hz")
         if min_window_s is None:
             min_window_s = MIN_WINDOW_SAMPLES / float(meter.rate_hz) if sampled else 0.0
         self.min_window_s = float(min_window_s)
-        self.records: List[Dict[str, Any]] = []
+        self.chain: Optional[BoundChain] = None
+        self.frames: Optional[np.ndarray] = None  # up to RECORD_FRAMES real frames, batch-sized chunks
         self.warmup_s = 0.0
         self.warmup_passes = 0
         self.parts: List[PartResult] = []
         self.runs: Dict[str, RunResult] = {}
         self.reading: Any = None
         self.notes: List[str] = []
-        self._staged = backend.device != "cpu"  # GPU: put recorded inputs back on the device before a loop
 
     # -- meter
     def mark(self, label: str) -> None:
@@ -278,103 +354,60 @@ class Profiler:
                 self.notes.append(f"meter stop failed: {exc}")
         return self.reading
 
-    # -- engines
-    def _run_segment(self, i: int, value: Any, keep: bool) -> Any:
-        seg = self.backend.segments[i]
-        name = seg.output_names[0]
-        return seg.run({seg.input_names[0]: value}, outputs=(name,), keep=(name,) if keep else ())[name]
-
-    def _head_feeds(self, i: int, features: Any, prev_cam: Any) -> Dict[str, Any]:
-        head = self.backend.heads[i]
-        feeds = {"features": features}
-        if "prev_cam" in head.input_names:
-            feeds["prev_cam"] = prev_cam
-        return feeds
-
-    def _run_head(self, i: int, feeds: Dict[str, Any], keep: bool) -> Dict[str, Any]:
-        return self.backend.heads[i].run(feeds, outputs=HEAD_OUTPUTS, keep=("cam",) if keep else ())
-
-    def _pass(self, x: np.ndarray, record: bool) -> None:
-        """Every segment and head once on ``x`` (host copies of each engine's inputs kept when ``record``)."""
-        rec: Dict[str, Any] = {"rows": int(x.shape[0]), "seg_in": [], "head_in": []}
-        feats: Any = x
-        cam: Any = None
-        for i in range(self.num_exits):
-            if record:
-                rec["seg_in"].append(feats)
-            feats = self.backend.to_host(self._run_segment(i, feats, keep=False))
-            feeds = self._head_feeds(i, feats, cam)
-            if record:
-                rec["head_in"].append(feeds)
-            cam = self.backend.to_host(self._run_head(i, feeds, keep=False)["cam"])
-        if record:
-            self.records.append(rec)
-
     # -- step 1
+    def _chunks(self) -> List[np.ndarray]:
+        b = self.batch
+        return [self.frames[i:i + b] for i in range(0, self.frames.shape[0] - b + 1, b)]
+
     def warmup(self, x: np.ndarray) -> None:
-        """Record the chain's intermediate tensors for up to RECORD_FRAMES frames (first pass), then keep running
-        every segment and head on real frames until ``warmup_ms`` have passed; then each runner once."""
+        """Bind the chain at ``batch`` rows, keep the first RECORD_FRAMES frames (cycled up to one batch) for the
+        per-part loops, run every stage and full.onnx on them until ``warmup_ms`` have passed; then each runner
+        once."""
         self.mark("warmup")
         t0 = time.perf_counter()
-        n = x.shape[0]
-        b = min(self.batch, n)
-        k = max(1, min(n // b, math.ceil(RECORD_FRAMES / b)))
-        self.log(f"warm-up {self.warmup_ms:g} ms; recording the inputs of every segment and head for {k * b} frames")
-        for j in range(k):
-            self._pass(x[j * b:(j + 1) * b], record=True)
-        self.warmup_passes = 1
+        b = self.batch
+        n = max(b, min(x.shape[0], max(RECORD_FRAMES, b)) // b * b)
+        self.frames = np.ascontiguousarray(np.resize(x, (n, *x.shape[1:])), dtype=np.float32)
+        self.log(f"warm-up {self.warmup_ms:g} ms on {n} frames, {len(self.pipeline.stages)} stages + {MONOLITHIC} "
+                 f"bound at batch {b}")
+        self.chain = BoundChain(self.bundle, self.backend, self.pipeline, b)
+        chunks = self._chunks()
         j = 0
-        while (time.perf_counter() - t0) * 1e3 < self.warmup_ms:
-            start = (j * b) % max(1, n - b + 1)
-            self._pass(x[start:start + b], record=False)
+        while j < len(chunks) or (time.perf_counter() - t0) * 1e3 < self.warmup_ms:
+            self.chain.load(chunks[j % len(chunks)])
+            for call in self.chain.calls:
+                call()
+            self.chain.mono()
             j += 1
-            if j % k == 0:
-                self.warmup_passes += 1
-        self.adaptive.run_batch(x[:b])
-        self.full.run_batch(x[:b])
+        self.warmup_passes = math.ceil(j / len(chunks))
+        for runner in self.runners.values():
+            runner.run_batch(x[:b])
         self.warmup_s = time.perf_counter() - t0
 
     # -- step 2
-    def _feeds_for(self, kind: str, i: int, rec: Dict[str, Any]) -> Dict[str, Any]:
-        """The timed engine's feeds for one recorded batch: host copies on CPU backends; on GPU backends the
-        producing engines run once (untimed) so the inputs are device values, as inside the chain."""
-        if kind == "segment":
-            value = rec["seg_in"][i]
-            if self._staged and i > 0:
-                value = self._run_segment(i - 1, rec["seg_in"][i - 1], keep=True)
-            return {self.backend.segments[i].input_names[0]: value}
-        feeds = dict(rec["head_in"][i])
-        if self._staged:
-            feeds["features"] = self._run_segment(i, rec["seg_in"][i], keep=True)
-            if "prev_cam" in feeds and i > 0:
-                feeds["prev_cam"] = self._run_head(i - 1, rec["head_in"][i - 1], keep=True)["cam"]
-        return feeds
-
-    def time_part(self, kind: str, i: int) -> PartResult:
-        engine = self.backend.segments[i] if kind == "segment" else self.backend.heads[i]
-        label = f"{kind}_{i}"
-        if kind == "segment":
-            out = engine.output_names[0]
-            outputs, keep = (out,), (out,)
-        else:
-            outputs, keep = HEAD_OUTPUTS, ("cam",)
-        k = len(self.records)
-        per_chunk = max(1, math.ceil(self.iterations / k))
+    def time_part(self, kind: str, j: int = 0) -> PartResult:
+        """``iterations`` timed calls of stage j (``kind`` "stage") or of full.onnx (``kind`` "monolithic"),
+        cycling over the real frames chunk by chunk (see the module docstring)."""
+        chain = self.chain
+        timed = chain.mono if kind == "monolithic" else chain.calls[j]
+        before = [] if kind == "monolithic" else chain.calls[:j]
+        chunks = self._chunks()
+        per_chunk = max(1, math.ceil(self.iterations / len(chunks)))
+        label = MONOLITHIC if kind == "monolithic" else f"stage_{j}"
         times: List[float] = []
         timed_ns = 0
         t_loop = time.perf_counter()
-        chunk = 0
+        c = 0
         done = False
         while not done:
-            rec = self.records[chunk % k]
-            if self._staged:
-                self.mark("stage")
-            feeds = self._feeds_for(kind, i, rec)
-            if self._staged or chunk == 0:
-                self.mark(label)
+            self.mark("prep")
+            chain.load(chunks[c % len(chunks)])
+            for call in before:
+                call()
+            self.mark(label)
             for _ in range(per_chunk):
                 t0 = time.perf_counter_ns()
-                engine.run(feeds, outputs=outputs, keep=keep)
+                timed()
                 dt = time.perf_counter_ns() - t0
                 times.append(dt / 1e6)
                 timed_ns += dt
@@ -383,53 +416,113 @@ class Profiler:
                 ):
                     done = True
                     break
-            chunk += 1
+            c += 1
         self.mark("idle")
-        rows = int(self.records[0]["rows"])
-        entry = (self.bundle.segments if kind == "segment" else self.bundle.heads)[i]
-        part = PartResult(kind, i, rows, times, macs=int(getattr(entry, "macs", 0) or 0))
+        if kind == "monolithic":
+            part = PartResult(kind, 0, self.batch, times, macs=int(self.bundle.monolithic.macs or self.bundle.reference_macs))
+        else:
+            f = self.pipeline.stages[j]
+            part = PartResult(kind, j, self.batch, times, macs=int(f.macs), exit=int(f.exit),
+                              segments=tuple(int(v) for v in f.segments))
         if len(times) > self.iterations:
-            part.notes.append(f"ran {len(times)} iterations so the power window spans "
-                              f"{MIN_WINDOW_SAMPLES} meter samples")
+            part.notes.append(f"ran {len(times)} iterations so the power window spans {MIN_WINDOW_SAMPLES} meter samples")
         self.parts.append(part)
         return part
 
     def time_parts(self) -> None:
-        for kind in ("segment", "head"):
-            for i in range(self.num_exits):
-                part = self.time_part(kind, i)
-                s = latency_summary(part.times_ms)
-                self.log(f"{part.label}: mean {s['mean']:.4f} ms, median {s['median']:.4f} ms, "
-                         f"p99 {s['p99']:.4f} ms ({s['count']} runs)")
+        """Each stage alone, then full.onnx alone."""
+        todo = [("stage", j) for j in range(len(self.pipeline.stages))] + [("monolithic", 0)]
+        for kind, j in todo:
+            part = self.time_part(kind, j)
+            s = latency_summary(part.times_ms)
+            self.log(f"{part.label}: mean {s['mean']:.4f} ms, median {s['median']:.4f} ms, "
+                     f"p99 {s['p99']:.4f} ms ({s['count']} runs)")
 
-    # -- step 3
+    # -- step 4
     def run_modes(self, x: np.ndarray, labels: Optional[np.ndarray]) -> None:
+        """Every mode on every frame, in blocks of ``block`` frames; the mode order rotates each block."""
         n, b = x.shape[0], self.batch
-        slices = [x[s:s + b] for s in range(0, n, b)]
-        for mode, runner in (("adaptive", self.adaptive), ("full", self.full)):
-            batch_ms: List[float] = []
-            exits: List[int] = []
-            failed = 0
-            correct = 0
-            self.mark(mode)
-            t_start = time.perf_counter_ns()
-            for xb in slices:
-                t0 = time.perf_counter_ns()
-                decisions = runner.run_batch(xb)
-                batch_ms.append((time.perf_counter_ns() - t0) / 1e6)
-                for d in decisions:
-                    exits.append(int(d.exit))
-                    failed += int(bool(d.failed))
-                    if labels is not None:
-                        correct += int(d.class_id == labels[len(exits) - 1])
-            wall_s = (time.perf_counter_ns() - t_start) / 1e9
-            self.runs[mode] = RunResult(mode, n, batch_ms, wall_s, exits, failed,
-                                        correct if labels is not None else None,
-                                        int(labels.size) if labels is not None else 0)
-            s = latency_summary(batch_ms)
-            self.log(f"{mode}: mean {s['mean']:.4f} ms per batch, {n / wall_s if wall_s > 0 else float('nan'):.1f} "
-                     f"frames/s")
+        acc = {m: {"batch_ms": [], "exits": [], "failed": 0, "correct": 0, "ns": 0} for m in MODES}
+        starts = list(range(0, n, self.block))
+        for k, s0 in enumerate(starts):
+            block = x[s0:s0 + self.block]
+            order = MODES[k % len(MODES):] + MODES[:k % len(MODES)]
+            for mode in order:
+                a, runner = acc[mode], self.runners[mode]
+                self.mark(mode)
+                for s in range(0, block.shape[0], b):
+                    t0 = time.perf_counter_ns()
+                    decisions = runner.run_batch(block[s:s + b])
+                    dt = time.perf_counter_ns() - t0
+                    a["ns"] += dt
+                    a["batch_ms"].append(dt / 1e6)
+                    for i, d in enumerate(decisions):
+                        if labels is not None:
+                            a["correct"] += int(d.class_id == labels[s0 + s + i])
+                        a["exits"].append(int(d.exit))
+                        a["failed"] += int(bool(d.failed))
         self.mark("end")
+        for mode in MODES:
+            a = acc[mode]
+            self.runs[mode] = RunResult(mode, n, a["batch_ms"], a["ns"] / 1e9, a["exits"], a["failed"],
+                                        a["correct"] if labels is not None else None,
+                                        int(labels.size) if labels is not None else 0)
+            s = latency_summary(a["batch_ms"])
+            self.log(f"{mode}: mean {s['mean']:.4f} ms per batch, {n / (a['ns'] / 1e9) if a['ns'] else float('nan'):.1f} "
+                     f"frames/s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# frames
+# ----------------------------------------------------------------------------------------------------------------
+def load_frames(source_uri: str, preprocess: Callable[[np.ndarray], np.ndarray], classes: Sequence[str], frames: int,
+                seed: int = 0, warn: Callable[[str], None] = lambda _m: None
+                ) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
+    """``frames`` usable frames of the source, preprocessed into one float32 (N, C, H, W) array, in a seeded random
+    order: an image folder is sampled over all its files (``ImageFilesSource.sample``), another source gives its
+    first ``frames`` frames, shuffled. A source with fewer frames is cycled. Labels (folder classes) when every
+    frame has one."""
+    from .sources import open_source  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    xs: List[np.ndarray] = []
+    labels: List[Optional[int]] = []
+    skipped = 0
+    with open_source(source_uri, loop=False, classes=tuple(classes)) as source:
+        sampled = hasattr(source, "sample")
+        if sampled:
+            source.sample(frames, rng)
+        else:
+            source.max_frames = frames
+        info = {"uri": source_uri, "description": source.describe(), "kind": getattr(source, "kind", None),
+                "selection": f"random sample of the whole source, seed {seed}" if sampled
+                else f"first {frames} frames, shuffled with seed {seed}", "seed": seed}
+        for frame in source:
+            if frame.error is not None or frame.image is None:
+                skipped += 1
+                warn(f"edgeexit: warning: skipped {frame.name}: {frame.error or 'no image'}")
+                continue
+            try:
+                xs.append(preprocess(frame.image))
+            except Exception as exc:  # noqa: BLE001
+                skipped += 1
+                warn(f"edgeexit: warning: skipped {frame.name}: cannot preprocess: {type(exc).__name__}: {exc}")
+                continue
+            labels.append(frame.label)
+    if not xs:
+        raise ValueError(f"no usable frame in {source_uri}")
+    order = rng.permutation(len(xs))
+    distinct = len(xs)
+    x = np.stack(xs)[order]
+    labels = [labels[i] for i in order]
+    reps = math.ceil(frames / distinct)
+    if reps > 1:
+        x = np.concatenate([x] * reps)[:frames]
+        labels = (labels * reps)[:frames]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    lab = np.asarray(labels, dtype=np.int64) if all(v is not None for v in labels) else None
+    info.update(frames=int(x.shape[0]), distinct_frames=distinct, skipped=skipped, labelled=lab is not None)
+    return x, lab, info
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,6 +557,70 @@ def _label_energy(reading: Any, label: str) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the cost model: boundary and per-segment / per-head costs from stage times
+# ----------------------------------------------------------------------------------------------------------------
+def boundary_estimate(stage_values: Sequence[float], monolithic: float, internal_head_macs: float,
+                      monolithic_macs: float) -> Tuple[Optional[float], Optional[str]]:
+    """The per-call overhead from the stages alone and full.onnx alone (module docstring, step 3)::
+
+        boundary = (T_s - T_m - h * T_m) / (S - 1 - h),   h = internal_head_macs / monolithic_macs
+
+    clamped to [0, the cheapest stage]. Returns (boundary, note): (None, why) for a single stage or missing
+    values; a note when it was clamped."""
+    values = [float(v) for v in stage_values]
+    s = len(values)
+    if s < 2:
+        return None, "one stage: the per-call overhead cannot be separated from compute (export internal exits)"
+    if not all(_finite(v) for v in values + [monolithic]) or not monolithic_macs > 0:
+        return None, "stage or full.onnx value missing"
+    h = float(internal_head_macs) / float(monolithic_macs)
+    t_s, t_m = sum(values), float(monolithic)
+    b = (t_s - t_m - h * t_m) / (s - 1 - h)
+    top = min(values + [t_m])
+    if b < 0:
+        return 0.0, (f"chaining measured no overhead ({b:.3g} from the formula, noise): boundary set to 0")
+    if b > top:
+        return top, f"boundary {b:.3g} from the formula exceeds the cheapest call {top:.3g}: clamped"
+    return b, None
+
+
+def split_stage_costs(stage_values: Sequence[float], boundary: float, segment_macs: Sequence[int],
+                      head_macs: Sequence[int], kept_internal: Sequence[int]) -> Tuple[List[float], List[float]]:
+    """(segments, heads): one compute-only cost per segment and per head of all E exits. Stage j's compute
+    ``stage_values[j] - boundary`` (floored at 0) is divided among its segments and its head by MACs; a head that
+    is not kept gets its MACs x the rate of the stage its exit sits in. With these,
+    ``stages.exit_costs(segments, heads, kept_internal, boundary)[j] == sum(stage_values[:j + 1])``."""
+    e = len(segment_macs)
+    ranges = stage_ranges(kept_internal, e)
+    if len(ranges) != len(stage_values):
+        raise ValueError(f"{len(stage_values)} stage values for a pipeline of {len(ranges)} stages")
+    segments, heads = [0.0] * e, [0.0] * e
+    for (first, last), value in zip(ranges, stage_values):
+        macs = sum(int(segment_macs[i]) for i in range(first, last + 1)) + int(head_macs[last])
+        rate = max(0.0, float(value) - float(boundary)) / macs if macs > 0 else 0.0
+        for i in range(first, last + 1):
+            segments[i] = rate * int(segment_macs[i])
+            heads[i] = rate * int(head_macs[i])  # i < last: a head this pipeline does not run, at its stage's rate
+    return segments, heads
+
+
+def _cost_model(stage_values: List[Any], mono: Any, ctx: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Boundary, segments and heads of one metric (None when a value is missing or the boundary is undefined)."""
+    if not stage_values or not all(_finite(v) for v in stage_values) or not _finite(mono):
+        return None
+    kept = list(ctx["kept_internal"])
+    head_macs = ctx["head_macs"]
+    b, note = boundary_estimate(stage_values, mono, sum(head_macs[k] for k in kept), ctx["monolithic_macs"])
+    if b is None:
+        return {"boundary": None, "note": note}
+    segments, heads = split_stage_costs(stage_values, b, ctx["segment_macs"], head_macs, kept)
+    predicted = exit_costs(segments, heads, kept, b)
+    return {"segments": segments, "heads": heads, "boundary": b, "note": note, "split": SPLIT_RULE,
+            "exit_costs": [float(v) for v in predicted],
+            "reference": reference_cost(segments, heads, b)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # result assembly
 # ----------------------------------------------------------------------------------------------------------------
 def _part_dict(part: PartResult, reading: Any, is_estimate: bool, rate_hz: Optional[float]) -> Dict[str, Any]:
@@ -471,19 +628,21 @@ def _part_dict(part: PartResult, reading: Any, is_estimate: bool, rate_hz: Optio
     d: Dict[str, Any] = {
         "index": part.index, "name": part.label, "rows": part.rows, "macs": part.macs,
         "latency_ms": stats,
-        "latency_ms_per_frame": stats["mean"] / part.rows if part.rows else float("nan"),
+        "latency_ms_per_frame": stats[COST_STATISTIC] / part.rows if part.rows else float("nan"),
         "energy_mj": None,
         "notes": list(part.notes),
     }
+    if part.kind == "stage":
+        d.update(exit=part.exit, segments=list(part.segments))
     if reading is not None:
         e = _label_energy(reading, part.label)
         watts = e["joules"] / e["seconds"] if e["seconds"] > 0 else float("nan")
-        per_call = watts * stats["mean"]  # W x ms = mJ
+        per_call = watts * stats[COST_STATISTIC]  # W x ms = mJ
         d["energy_mj"] = {
             "per_call": per_call,
             "per_frame": per_call / part.rows if part.rows else float("nan"),
             "mean_watts": watts,
-            "per_rail_per_frame": {r: (j / e["seconds"]) * stats["mean"] / part.rows if e["seconds"] > 0 else None
+            "per_rail_per_frame": {r: (j / e["seconds"]) * stats[COST_STATISTIC] / part.rows if e["seconds"] > 0 else None
                                    for r, j in e["per_rail"].items()},
             "window_s": e["seconds"],
             "label": _energy_label(is_estimate),
@@ -521,6 +680,7 @@ def _run_dict(run: RunResult, reading: Any, is_estimate: bool, num_exits: int, b
             "mean_watts": e["joules"] / e["seconds"] if e["seconds"] > 0 else float("nan"),
             "joules": e["joules"],
             "window_s": e["seconds"],
+            "windows": e["windows"],
             "label": _energy_label(is_estimate),
         }
     return d
@@ -532,8 +692,8 @@ def _ratio_saving(a: Any, f: Any) -> Optional[float]:
     return None
 
 
-def _savings(runs: Dict[str, Dict[str, Any]], segments: List[Dict[str, Any]], heads: List[Dict[str, Any]],
-             is_estimate: bool) -> Dict[str, Any]:
+def _savings(runs: Dict[str, Dict[str, Any]], stages: List[Dict[str, Any]], mono: Optional[Dict[str, Any]],
+             kept: Sequence[int], is_estimate: bool) -> Dict[str, Any]:
     a, f = runs.get("adaptive"), runs.get("full")
     if not a or not f:
         return {}
@@ -553,26 +713,32 @@ def _savings(runs: Dict[str, Dict[str, Any]], segments: List[Dict[str, Any]], he
     if ea and ef:
         out["energy"] = _ratio_saving(ea["total"], ef["total"])
         out["energy_label"] = _energy_label(is_estimate)
-    # what the per-part costs predict for this exit histogram (the model calibration uses)
-    if len(segments) == len(heads) and segments:
-        hist = np.asarray(a["exit_histogram"], dtype=np.float64)
+    c = runs.get("chain")
+    if c:
+        out["chain_over_full"] = (c["latency_ms"]["mean"] / f["latency_ms"]["mean"]
+                                  if _finite(c["latency_ms"]["mean"]) and f["latency_ms"]["mean"] > 0 else None)
+    # what the stages alone predict for this exit mix (each kept exit: the stages up to it)
+    if stages and mono:
+        hist = np.asarray([a["exit_histogram"][k] for k in kept], dtype=np.float64)
         pred: Dict[str, Any] = {}
         for key, get in (("latency_ms", lambda p: p["latency_ms_per_frame"]),
                          ("energy_mj", lambda p: (p["energy_mj"] or {}).get("per_frame"))):
-            seg = [get(p) for p in segments]
-            hd = [get(p) for p in heads]
-            if not all(_finite(v) for v in seg + hd) or hist.sum() <= 0:
+            values = [get(p) for p in stages]
+            m = get(mono)
+            if not all(_finite(v) for v in values + [m]) or hist.sum() <= 0:
                 continue
-            cum = np.cumsum(seg) + np.cumsum(hd)
-            full = float(np.sum(seg) + hd[-1])
+            cum = np.cumsum(values)
             adaptive = float(np.dot(hist, cum) / hist.sum())
-            pred[key] = {"adaptive": adaptive, "full": full, "saving": _ratio_saving(adaptive, full)}
-            if key == "latency_ms":  # measured per-frame time (wall / frames) minus what the engines alone take
-                for mode, run, p in (("adaptive", a, adaptive), ("full", f, full)):
-                    per_frame = run["wall_s"] * 1e3 / run["frames"] if run["frames"] else float("nan")
-                    pred[key][f"measured_{mode}"] = per_frame
-                    pred[key][f"overhead_{mode}"] = per_frame - p
-        out["predicted_from_parts"] = pred
+            pred[key] = {"adaptive": adaptive, "full": float(m), "chain": float(cum[-1]),
+                         "saving": _ratio_saving(adaptive, m)}
+            if key == "latency_ms":  # measured per-frame time (same statistic) minus what the calls alone take
+                for mode, p in (("adaptive", adaptive), ("full", float(m)), ("chain", float(cum[-1]))):
+                    run = runs.get(mode)
+                    if run:
+                        per_frame = run["latency_ms"][COST_STATISTIC] / run["batch"]
+                        pred[key][f"measured_{mode}"] = per_frame
+                        pred[key][f"overhead_{mode}"] = per_frame - p
+        out["predicted_from_stages"] = pred
     return out
 
 
@@ -596,43 +762,44 @@ def _trace(reading: Any) -> Optional[Dict[str, Any]]:
 
 
 def costs_from_profile(result: Dict[str, Any], metric: str = "latency_ms") -> Dict[str, Any]:
-    """The ``costs.json`` document (docs/architecture.md, "Device costs") of a complete profile: per-frame mean
-    latency (ms) and energy (mJ) of every segment and head; ``segments``/``heads`` hold the chosen ``metric``."""
+    """The ``costs.json`` document (schema ``edgeexit-costs/2``, docs/architecture.md "Device costs") of a complete
+    profile: per-frame compute-only costs of every segment and head of the model (stage time split by MAC
+    share, module docstring) and the per-call ``boundary``; ``segments``/``heads``/``boundary`` hold ``metric``.
+    ValueError (one line) when the chosen metric could not be derived."""
     if metric not in COST_METRICS:
         raise ValueError(f"--cost-metric must be one of {', '.join(COST_METRICS)}, got {metric!r}")
-    segs, heads = result["segments"], result["heads"]
+    model = result.get("cost_model") or {}
+    stages = result.get("stages") or []
     e = result["bundle"]["num_exits"]
-    if len(segs) != e or len(heads) != e:
-        raise ValueError("the profile is incomplete: costs.json needs every segment and head")
+    if not stages or not result.get("monolithic"):
+        raise ValueError("the profile is incomplete: costs.json needs every stage and full.onnx")
     meter = result.get("meter") or {}
     is_estimate = bool(meter.get("is_estimate"))
     batch = result["settings"]["batch"]
 
-    def values(get) -> Optional[List[float]]:
-        seg = [get(p) for p in segs]
-        hd = [get(p) for p in heads]
-        if not all(_finite(v) and v >= 0 for v in seg + hd) or sum(seg) + hd[-1] <= 0:
+    def entry(key: str, extra: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        m = model.get(key)
+        if not m or m.get("boundary") is None:
             return None
-        return [_sig(v) for v in seg] + [_sig(v) for v in hd]
+        return {"segments": [_sig(v) for v in m["segments"]], "heads": [_sig(v) for v in m["heads"]],
+                "boundary": _sig(m["boundary"]), "split": SPLIT_RULE, "per": "frame", "batch": batch, **extra}
 
-    lat = values(lambda p: p["latency_ms_per_frame"])
-    if lat is None:
-        raise ValueError("latency could not be measured for every segment and head")
+    latency = entry("latency_ms", {"statistic": COST_STATISTIC, "label": "measured"})
+    if latency is None:
+        why = (model.get("latency_ms") or {}).get("note") or "latency could not be measured for every stage"
+        raise ValueError(f"costs.json needs the per-call overhead: {why}")
     measured: Dict[str, Any] = {
-        "latency_ms": {"segments": lat[:e], "heads": lat[e:], "statistic": "mean", "per": "frame",
-                       "batch": batch, "label": "measured"},
-        "energy_mj": None,
+        "latency_ms": latency,
+        "energy_mj": entry("energy_mj", {"statistic": f"mean power x {COST_STATISTIC} latency", "meter": meter.get("name"),
+                                         "is_estimate": is_estimate, "label": _energy_label(is_estimate)})
+        if meter else None,
     }
-    en = values(lambda p: (p["energy_mj"] or {}).get("per_frame")) if meter else None
-    if en is not None:
-        measured["energy_mj"] = {"segments": en[:e], "heads": en[e:], "statistic": "mean power x mean latency",
-                                 "per": "frame", "batch": batch, "meter": meter.get("name"),
-                                 "is_estimate": is_estimate, "label": _energy_label(is_estimate)}
     chosen = measured[metric]
     if chosen is None:
         raise ValueError("energy_mj was not measured (no power meter, or its readings failed): "
                          "profile with --meter (or --meter constant --power-watts W for an estimate), "
                          "or use --cost-metric latency_ms")
+    kept = list(result["bundle"]["kept_exits"])
     return {
         "schema": COSTS_SCHEMA,
         "metric": metric,
@@ -640,6 +807,14 @@ def costs_from_profile(result: Dict[str, Any], metric: str = "latency_ms") -> Di
         "backend": result["backend"]["description"],
         "segments": list(chosen["segments"]),
         "heads": list(chosen["heads"]),
+        "boundary": chosen["boundary"],
+        "split": SPLIT_RULE,
+        "gate": result["bundle"].get("gate"),
+        "stages": [{"exits": kept, "index": s["index"], "exit": s["exit"], "segments": s["segments"],
+                    "latency_ms": _sig(s["latency_ms_per_frame"]),
+                    "energy_mj": _sig(s["energy_mj"]["per_frame"]) if s.get("energy_mj")
+                    and _finite(s["energy_mj"].get("per_frame")) else None}
+                   for s in stages],
         "measured": measured,
         "label": chosen["label"],
         "is_estimate": metric == "energy_mj" and is_estimate,
@@ -652,6 +827,28 @@ def costs_from_profile(result: Dict[str, Any], metric: str = "latency_ms") -> Di
     }
 
 
+def _exit_rows(stages: List[Dict[str, Any]], mono: Optional[Dict[str, Any]], ctx: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Leaving at each kept exit (the stages up to it, measured alone) against full.onnx."""
+    if not stages or mono is None:
+        return []
+    ref_ms = mono["latency_ms_per_frame"]
+    ref_mj = (mono["energy_mj"] or {}).get("per_frame")
+    ref_macs = ctx.get("reference_macs") or 0
+    rows, cum_ms, cum_mj = [], 0.0, 0.0
+    for s, macs in zip(stages, ctx.get("exit_macs") or [None] * len(stages)):
+        cum_ms += s["latency_ms_per_frame"]
+        mj = (s["energy_mj"] or {}).get("per_frame")
+        cum_mj = cum_mj + mj if _finite(mj) and cum_mj is not None else None
+        rows.append({"index": s["exit"], "stages": s["index"] + 1, "cumulative_latency_ms": cum_ms,
+                     "latency_fraction": cum_ms / ref_ms if _finite(ref_ms) and ref_ms > 0 else None,
+                     "cumulative_energy_mj": cum_mj, "cumulative_macs": macs,
+                     "macs_fraction": macs / ref_macs if macs is not None and ref_macs else None})
+    rows.append({"index": "full", "stages": None, "cumulative_latency_ms": ref_ms, "latency_fraction": 1.0,
+                 "cumulative_energy_mj": ref_mj if _finite(ref_mj) else None, "cumulative_macs": ref_macs or None,
+                 "macs_fraction": 1.0 if ref_macs else None})
+    return rows
+
+
 def build_result(prof: Optional[Profiler], ctx: Dict[str, Any], complete: bool, interrupted: bool) -> Dict[str, Any]:
     """profile.json as a dict (numbers may still be NaN: ``_clean`` before writing)."""
     reading = prof.reading if prof is not None else None
@@ -659,31 +856,17 @@ def build_result(prof: Optional[Profiler], ctx: Dict[str, Any], complete: bool, 
     is_estimate = bool(getattr(meter, "is_estimate", False))
     rate = getattr(meter, "rate_hz", None) if meter is not None and not is_estimate else None
     parts = prof.parts if prof is not None else []
-    segments = [_part_dict(p, reading, is_estimate, rate) for p in parts if p.kind == "segment"]
-    heads = [_part_dict(p, reading, is_estimate, rate) for p in parts if p.kind == "head"]
+    stages = [_part_dict(p, reading, is_estimate, rate) for p in parts if p.kind == "stage"]
+    monos = [_part_dict(p, reading, is_estimate, rate) for p in parts if p.kind == "monolithic"]
+    mono = monos[0] if monos else None
     e = ctx["num_exits"]
-    exits = []
-    if len(segments) == e and len(heads) == e:
-        seg_ms = [p["latency_ms_per_frame"] for p in segments]
-        head_ms = [p["latency_ms_per_frame"] for p in heads]
-        full_ms = sum(seg_ms) + head_ms[-1]
-        seg_mj = [(p["energy_mj"] or {}).get("per_frame") for p in segments]
-        head_mj = [(p["energy_mj"] or {}).get("per_frame") for p in heads]
-        have_mj = all(_finite(v) for v in seg_mj + head_mj)
-        macs = ctx.get("cumulative_macs") or []
-        ref_macs = ctx.get("reference_macs") or 0
-        for i in range(e):
-            cum_ms = sum(seg_ms[:i + 1]) + sum(head_ms[:i + 1])
-            cum_mj = sum(seg_mj[:i + 1]) + sum(head_mj[:i + 1]) if have_mj else None
-            exits.append({
-                "index": i, "cumulative_latency_ms": cum_ms, "latency_fraction": cum_ms / full_ms if full_ms else None,
-                "cumulative_energy_mj": cum_mj,
-                "cumulative_macs": macs[i] if i < len(macs) else None,
-                "macs_fraction": macs[i] / ref_macs if i < len(macs) and ref_macs else None,
-            })
-        exits.append({"index": "full", "cumulative_latency_ms": full_ms, "latency_fraction": 1.0,
-                      "cumulative_energy_mj": (sum(seg_mj) + head_mj[-1]) if have_mj else None,
-                      "cumulative_macs": ref_macs or None, "macs_fraction": 1.0 if ref_macs else None})
+    kept = list(ctx["kept"])
+    cost_model: Dict[str, Any] = {}
+    if mono is not None and len(stages) == len(kept):
+        cost_model["latency_ms"] = _cost_model([s["latency_ms_per_frame"] for s in stages],
+                                               mono["latency_ms_per_frame"], ctx)
+        cost_model["energy_mj"] = _cost_model([(s["energy_mj"] or {}).get("per_frame") for s in stages],
+                                              (mono["energy_mj"] or {}).get("per_frame"), ctx)
     runs = {m: _run_dict(r, reading, is_estimate, e, ctx["batch"]) for m, r in (prof.runs.items() if prof else [])}
     meter_info = None
     if meter is not None:
@@ -695,15 +878,18 @@ def build_result(prof: Optional[Profiler], ctx: Dict[str, Any], complete: bool, 
         if is_estimate:
             meter_info["watts"] = getattr(meter, "watts", None)
     notes = list(ctx.get("notes", [])) + (list(prof.notes) if prof else [])
-    for p in segments + heads:
+    for p in stages + monos:
         notes += [f"{p['name']}: {n}" for n in p["notes"]]
-    noisy = [p["name"] for p in segments + heads if _finite(p["latency_ms"]["cv"]) and p["latency_ms"]["cv"] > 0.5]
+    for key, m in cost_model.items():
+        if m and m.get("note"):
+            notes.append(f"boundary ({key}): {m['note']}")
+    noisy = [p["name"] for p in stages + monos if _finite(p["latency_ms"]["cv"]) and p["latency_ms"]["cv"] > 0.5]
     if noisy:
         notes.append(f"latency varies a lot (CV > 50%) for {', '.join(noisy)}: outliers (other load, clock changes) "
-                     "raise the means costs.json holds; close other programs, lock clocks, or raise --iterations")
+                     "widen every statistic; close other programs, lock clocks, or raise --iterations")
     if is_estimate:
         notes.append("energy figures are estimates (constant power x time), not measurements; with a constant power "
-                      "energy costs are proportional to latency")
+                     "energy costs are proportional to latency")
     return {
         "schema": PROFILE_SCHEMA,
         "created": ctx["created"],
@@ -711,7 +897,9 @@ def build_result(prof: Optional[Profiler], ctx: Dict[str, Any], complete: bool, 
         "interrupted": interrupted,
         "bundle": {"path": ctx["bundle_path"], "name": ctx["bundle_name"], "num_exits": e,
                    "num_classes": ctx.get("num_classes"), "input_shape": ctx.get("input_shape"),
-                   "edgeexit_version": ctx.get("bundle_version"), "policy": ctx.get("policy")},
+                   "edgeexit_version": ctx.get("bundle_version"), "gate": ctx.get("gate"), "kept_exits": kept,
+                   "segment_macs": list(ctx["segment_macs"]), "head_macs": list(ctx["head_macs"]),
+                   "policy": ctx.get("policy")},
         "source": ctx.get("source"),
         "device": ctx["device"],
         "backend": ctx["backend"],
@@ -723,15 +911,16 @@ def build_result(prof: Optional[Profiler], ctx: Dict[str, Any], complete: bool, 
             "batch": ctx["batch"], "frames": ctx.get("frames"), "warmup_ms": ctx["warmup_ms"],
             "warmup_actual_ms": prof.warmup_s * 1e3 if prof else None,
             "warmup_passes": prof.warmup_passes if prof else None,
-            "iterations": ctx["iterations"], "recorded_batches": len(prof.records) if prof else None,
-            "cost_metric": ctx["cost_metric"], "timer": "time.perf_counter_ns", "cost_statistic": "mean",
-            "device_inputs": bool(prof._staged) if prof else None,
+            "iterations": ctx["iterations"], "block": ctx.get("block"), "seed": ctx.get("seed"),
+            "cost_metric": ctx["cost_metric"], "timer": "time.perf_counter_ns", "cost_statistic": COST_STATISTIC,
+            "bound_buffers": True,
         },
-        "segments": segments,
-        "heads": heads,
-        "exits": exits,
+        "stages": stages,
+        "monolithic": mono,
+        "cost_model": cost_model,
+        "exits": _exit_rows(stages, mono, ctx),
         "runs": runs,
-        "savings": _savings(runs, segments, heads, is_estimate),
+        "savings": _savings(runs, stages, mono, kept, is_estimate),
         "power_trace": _trace(reading),
         "notes": notes,
     }
@@ -758,35 +947,46 @@ def _pct(v: Any) -> str:
     return f"{100 * float(v):+.1f}%" if _finite(v) else "-"
 
 
+def _stat_cells(s: Dict[str, Any]) -> List[str]:
+    return [_ms(s["mean"]), _ms(s["median"]), _ms(s["p90"]), _ms(s["p95"]), _ms(s["p99"]), _ms(s["min"]),
+            _ms(s["max"]), f"{100 * s['cv']:.1f}" if _finite(s["cv"]) else "-"]
+
+
 def table_rows(result: Dict[str, Any]) -> Tuple[List[str], List[List[List[str]]]]:
     """Header and sections of rows of the profile table (strings)."""
     label = result.get("energy_label")
     energy_head = "energy/frame mJ" + (f" ({label})" if label == "estimate" else "")
     header = ["part", "runs", "mean ms", "median", "p90", "p95", "p99", "min", "max", "CV %", energy_head, "notes"]
     parts: List[List[str]] = []
-    for p in result["segments"] + result["heads"]:
+    for p in result["stages"] + ([result["monolithic"]] if result.get("monolithic") else []):
         s = p["latency_ms"]
         en = p["energy_mj"]
+        what = (f"exit {p['exit']}, segments {p['segments'][0]}-{p['segments'][1]}" if "exit" in p
+                else "the plain network, one call")
         parts.append([
-            p["name"] + (f" (x{p['rows']})" if p["rows"] != 1 else ""), str(s["count"]), _ms(s["mean"]),
-            _ms(s["median"]), _ms(s["p90"]), _ms(s["p95"]), _ms(s["p99"]), _ms(s["min"]), _ms(s["max"]),
-            f"{100 * s['cv']:.1f}" if _finite(s["cv"]) else "-",
+            p["name"] + (f" (x{p['rows']})" if p["rows"] != 1 else ""), str(s["count"]), *_stat_cells(s),
             (_mj(en["per_frame"]) + (" est." if en["label"] == "estimate" else "")) if en else "-",
-            "; ".join(([f"avg {en['mean_watts']:.3g} W"] if en and _finite(en.get("mean_watts")) else [])
+            "; ".join([what] + ([f"avg {en['mean_watts']:.3g} W"] if en and _finite(en.get("mean_watts")) else [])
                       + list(p.get("notes") or [])),
         ])
+    lat = (result.get("cost_model") or {}).get("latency_ms") or {}
+    mj = (result.get("cost_model") or {}).get("energy_mj") or {}
+    if lat:
+        parts.append(["boundary (per call)", "", _ms(lat.get("boundary")), "", "", "", "", "", "", "",
+                      _mj(mj.get("boundary")) if mj else "-",
+                      lat.get("note") or "(stages summed - full.onnx - heads at its rate) / extra calls"])
     exits: List[List[str]] = []
     for x in result.get("exits", []):
-        name = "leave at full" if x["index"] == "full" else f"leave at exit {x['index']}"
+        name = "leave at full.onnx" if x["index"] == "full" else f"leave at exit {x['index']}"
         frac = x.get("latency_fraction")
         mfrac = x.get("macs_fraction")
         est = " est." if label == "estimate" and _finite(x.get("cumulative_energy_mj")) else ""
         exits.append([name, "", _ms(x["cumulative_latency_ms"]), "", "", "", "", "", "", "",
                       _mj(x.get("cumulative_energy_mj")) + est,
-                      (f"{100 * frac:.0f}% of full time" if _finite(frac) else "")
+                      (f"{100 * frac:.0f}% of full.onnx time" if _finite(frac) else "")
                       + (f"; MACs {100 * mfrac:.0f}%" if _finite(mfrac) else "")])
     runs: List[List[str]] = []
-    for mode in ("adaptive", "full"):
+    for mode in MODES:
         r = result["runs"].get(mode)
         if not r:
             continue
@@ -797,24 +997,21 @@ def table_rows(result: Dict[str, Any]) -> Tuple[List[str], List[List[List[str]]]
             extra += f"; acc {100 * r['accuracy']:.1f}%"
         if r.get("failed"):
             extra += f"; {r['failed']} failed"
-        runs.append([f"{mode} (batch {r['batch']})", str(r["frames"]), _ms(s["mean"]), _ms(s["median"]), _ms(s["p90"]),
-                     _ms(s["p95"]), _ms(s["p99"]), _ms(s["min"]), _ms(s["max"]),
-                     f"{100 * s['cv']:.1f}" if _finite(s["cv"]) else "-",
+        runs.append([f"{mode} (batch {r['batch']})", str(r["frames"]), *_stat_cells(s),
                      (_mj(en["total"]) + (" est." if en["label"] == "estimate" else "")) if en else "-", extra])
     sv = result.get("savings") or {}
     if sv:
         extra = f"speedup x{sv['speedup']:.2f}" if _finite(sv.get("speedup")) else ""
         if _finite(sv.get("throughput_gain")):
             extra += f"; throughput x{sv['throughput_gain']:.2f}"
-        pred = (sv.get("predicted_from_parts") or {}).get("latency_ms")
+        if _finite(sv.get("chain_over_full")):
+            extra += f"; chain / full x{sv['chain_over_full']:.2f}"
+        pred = (sv.get("predicted_from_stages") or {}).get("latency_ms")
         if pred and _finite(pred.get("saving")):
-            extra += f"; engines alone predict {_pct(-pred['saving'])}"
+            extra += f"; stages alone predict {_pct(-pred['saving'])}"
             if _finite(pred.get("overhead_adaptive")) and _finite(pred.get("overhead_full")):
                 extra += (f"; host overhead {pred['overhead_adaptive']:.3g} / {pred['overhead_full']:.3g} "
                           f"ms per frame")
-        energy = _pct(sv.get("energy")) if sv.get("energy") is not None else "-"
-        if sv.get("energy_label") == "estimate" and energy != "-":
-            energy += " est."
         # savings are reductions: shown as negative changes of adaptive vs full
         neg = lambda v: _pct(-v) if _finite(v) else "-"  # noqa: E731
         runs.append(["adaptive vs full (change)", "", neg(sv.get("latency_mean")), neg(sv.get("latency_p50")), "",
@@ -831,8 +1028,10 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
     dev = result["device"]
     meter = result.get("meter")
     mtxt = "no power meter" if not meter else f"meter {meter['name']}" + (" (ESTIMATE)" if meter["is_estimate"] else "")
-    title = (f"edgeexit profile: {result['bundle']['name']} on {_device_string(dev)}, {result['backend']['description']}; "
-             f"{mtxt}; clocks {_clocks_text(result['clocks_locked'])}")
+    b = result["bundle"]
+    title = (f"edgeexit profile: {b['name']} (gate {b.get('gate')}, stages end at exits "
+             f"{', '.join(map(str, b.get('kept_exits') or []))}) on {_device_string(dev)}, "
+             f"{result['backend']['description']}; {mtxt}; clocks {clocks_text(result['clocks_locked'])}")
     if not result.get("complete"):
         title += " [INTERRUPTED: partial]"
     try:
@@ -869,230 +1068,10 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
             console.print(f"note: {n}", markup=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# command
-# ----------------------------------------------------------------------------------------------------------------
-def _resolve_paths(bundle_path: Optional[str], source_uri: Optional[str]) -> Tuple[str, str, bool]:
-    """Bundle and source as ``edgeexit run`` resolves them (the demo bundle / samples by default)."""
-    from .commands import resolve_inputs  # noqa: PLC0415
-
-    return resolve_inputs(bundle_path, source_uri)
 
 
-def _load_frames(source_uri: str, runner: Any, frames: int, warn: Callable[[str], None]
-                 ) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
-    """Up to ``frames`` usable frames of the source, preprocessed into one float32 (N, C, H, W) array; a source with
-    fewer frames is cycled. Labels (folder classes) when every frame has one."""
-    from .sources import open_source  # noqa: PLC0415
-
-    xs: List[np.ndarray] = []
-    labels: List[Optional[int]] = []
-    skipped = 0
-    with open_source(source_uri, loop=False, max_frames=frames, classes=tuple(runner.classes)) as source:
-        info = {"uri": source_uri, "description": source.describe(), "kind": getattr(source, "kind", None)}
-        for frame in source:
-            if frame.error is not None or frame.image is None:
-                skipped += 1
-                warn(f"edgeexit: warning: skipped {frame.name}: {frame.error or 'no image'}")
-                continue
-            try:
-                xs.append(runner.preprocess(frame.image))
-            except Exception as exc:  # noqa: BLE001
-                skipped += 1
-                warn(f"edgeexit: warning: skipped {frame.name}: cannot preprocess: {type(exc).__name__}: {exc}")
-                continue
-            labels.append(frame.label)
-    if not xs:
-        raise ValueError(f"no usable frame in {source_uri}")
-    distinct = len(xs)
-    reps = math.ceil(frames / distinct)
-    x = np.stack(xs)
-    if reps > 1:
-        x = np.concatenate([x] * reps)[:frames]
-        labels = (labels * reps)[:frames]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    lab = np.asarray(labels, dtype=np.int64) if all(v is not None for v in labels) else None
-    info.update(frames=int(x.shape[0]), distinct_frames=distinct, skipped=skipped, labelled=lab is not None)
-    return x, lab, info
-
-
-def _write_json(path: Path, data: Dict[str, Any]) -> None:
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    """Strict JSON (``_clean``: NaN -> null), written atomically."""
     from .bundle import atomic_write_text  # noqa: PLC0415
 
     atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
-
-
-def profile_command(
-    bundle_path: Optional[str] = None,
-    source_uri: Optional[str] = None,
-    *,
-    out: Optional[str] = None,
-    backend: str = "auto",
-    providers: Optional[str] = None,
-    threads: Optional[int] = None,
-    batch: int = 1,
-    frames: int = 200,
-    warmup_ms: float = 200.0,
-    iterations: int = 200,
-    meter: str = "auto",
-    power_watts: Optional[float] = None,
-    rate_hz: float = 100.0,
-    cost_metric: str = "latency_ms",
-    plots: bool = True,
-    quiet: bool = False,
-    stdout: Optional[TextIO] = None,
-    stderr: Optional[TextIO] = None,
-    meter_root: str = "/",
-) -> int:
-    """``edgeexit profile`` (see the module docstring). Returns 0, or 130 when interrupted (Ctrl-C / SIGTERM).
-
-    Expected problems raise one-line errors: ValueError (options), FileNotFoundError, BundleError, SourceError,
-    BackendError, MeterError."""
-    import signal  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-
-    from .backends import open_backend  # noqa: PLC0415
-    from .bundle import load_bundle  # noqa: PLC0415
-    from .meters import METER_SPECS, jetson_clocks_locked, open_meter  # noqa: PLC0415
-
-    stdout = stdout if stdout is not None else sys.stdout
-    stderr = stderr if stderr is not None else sys.stderr
-
-    def info(message: str) -> None:
-        if not quiet:
-            print(f"edgeexit: {message}", file=stderr, flush=True)
-
-    def warn(message: str) -> None:
-        print(message, file=stderr, flush=True)
-
-    # ---- options
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
-    if frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {frames}")
-    if iterations < 1:
-        raise ValueError(f"--iterations must be >= 1, got {iterations}")
-    if not (math.isfinite(warmup_ms) and warmup_ms >= 0):
-        raise ValueError(f"--warmup-ms must be >= 0, got {warmup_ms}")
-    if not (math.isfinite(rate_hz) and rate_hz > 0):
-        raise ValueError(f"--rate-hz must be > 0, got {rate_hz}")
-    if cost_metric not in COST_METRICS:
-        raise ValueError(f"--cost-metric must be one of {', '.join(COST_METRICS)}, got {cost_metric!r}")
-    spec = (meter or "auto").strip().lower()
-    if spec not in METER_SPECS:
-        raise ValueError(f"--meter must be one of {', '.join(METER_SPECS)}, got {meter!r}")
-    if power_watts is not None and not (math.isfinite(power_watts) and power_watts >= 0):
-        raise ValueError(f"--power-watts must be a finite number >= 0, got {power_watts}")
-    if power_watts is not None and spec not in ("auto", "constant"):
-        raise ValueError("--power-watts goes with --meter constant (or auto, as the fallback)")
-
-    bundle_path, source_uri, demo = _resolve_paths(bundle_path, source_uri)
-    bundle_name = "demo" if demo else (Path(bundle_path).resolve().name or "bundle")
-    out_dir = Path(out) if out else Path(f"profile-{bundle_name}")
-
-    # ---- meter first: a missing sensor fails before any engine is loaded
-    power = open_meter(spec, power_watts=power_watts, root=meter_root, rate_hz=rate_hz)
-    if power is None and cost_metric == "energy_mj":
-        raise ValueError("--cost-metric energy_mj needs a power meter (none found with --meter "
-                         f"{spec}); pass --meter jetson|nvml|rapl, or --meter constant --power-watts W for an estimate")
-    clocks = _clocks_value(jetson_clocks_locked(meter_root))
-
-    bundle = load_bundle(bundle_path)
-    engines = open_backend(bundle, backend, providers=providers, threads=threads, max_batch=batch)
-    prof: Optional[Profiler] = None
-    interrupted = False
-    previous_handler: Any = None
-    in_main = threading.current_thread() is threading.main_thread()
-    ctx: Dict[str, Any] = {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bundle_path": str(bundle_path), "bundle_name": bundle_name, "num_exits": engines.num_exits,
-        "num_classes": len(bundle.classes), "input_shape": list(bundle.input_shape),
-        "bundle_version": getattr(bundle, "edgeexit_version", None),
-        "cumulative_macs": list(getattr(bundle, "cumulative_macs", ()) or ()),
-        "reference_macs": int(getattr(bundle, "reference_macs", 0) or 0),
-        "device": describe_device(),
-        "backend": {"kind": getattr(engines, "kind", "?"), "description": engines.describe(),
-                    "providers": list(getattr(engines, "providers", []) or []),
-                    "device": getattr(engines, "device", None), "threads": threads},
-        "versions": describe_versions(getattr(engines, "kind", "")),
-        "meter_obj": power, "meter_spec": spec, "clocks_locked": clocks,
-        "batch": batch, "frames": frames, "warmup_ms": warmup_ms, "iterations": iterations,
-        "cost_metric": cost_metric, "notes": [],
-    }
-    if clocks is False:
-        ctx["notes"].append("Jetson clocks are not locked: latencies vary with DVFS (sudo jetson_clocks)")
-
-    def on_term(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        if in_main:
-            previous_handler = signal.signal(signal.SIGTERM, on_term)
-        try:
-            prof = Profiler(bundle, engines, power, batch=batch, warmup_ms=warmup_ms, iterations=iterations, log=info)
-            pol = prof.adaptive.policy
-            ctx["policy"] = {"gate": pol.gate, "thresholds": [float(t) for t in pol.thresholds]}
-            mdesc = "no power meter" if power is None else power.description
-            info(f"bundle {bundle_path} ({engines.num_exits} exits); {engines.describe()}; {mdesc}; "
-                 f"clocks {_clocks_text(clocks)}")
-            x, labels, src = _load_frames(source_uri, prof.adaptive, frames, warn)
-            ctx["source"] = src
-            ctx["frames"] = int(x.shape[0])
-            info(f"input {src['description']}: {src['frames']} frames ({src['distinct_frames']} distinct), batch {batch}")
-            prof.start_meter()
-            prof.warmup(x)
-            prof.time_parts()
-            prof.run_modes(x, labels)
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            if prof is not None:
-                prof.stop_meter()
-    finally:
-        if in_main and previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-        engines.close()
-        if power is not None:
-            try:
-                power.close()
-            except Exception:  # noqa: BLE001
-                pass
-
-    complete = (not interrupted and prof is not None and len(prof.parts) == 2 * engines.num_exits
-                and len(prof.runs) == 2)
-    result = build_result(prof, ctx, complete=complete, interrupted=interrupted)
-    code = 130 if interrupted else 0
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files: Dict[str, str] = {"profile": str(out_dir / "profile.json")}
-        if complete:
-            try:
-                costs = costs_from_profile(result, cost_metric)
-            except ValueError as exc:
-                warn(f"edgeexit: warning: costs.json not written: {exc}")
-                code = 1
-            else:
-                _write_json(out_dir / "costs.json", costs)
-                files["costs"] = str(out_dir / "costs.json")
-        if complete and plots:
-            try:
-                from .plots_profile import write_plots  # noqa: PLC0415
-
-                files.update(write_plots(result, out_dir, warn=warn))
-            except ImportError as exc:
-                warn(f"edgeexit: matplotlib is not installed ({exc}): plots skipped (pip install matplotlib)")
-            except Exception as exc:  # noqa: BLE001 - a plot must not lose the measurements
-                warn(f"edgeexit: warning: plots failed: {type(exc).__name__}: {exc}")
-        result["files"] = files
-        _write_json(out_dir / "profile.json", result)
-        render_table(result, stdout)
-        for kind, path in files.items():
-            print(f"{kind}: {path}", file=stdout)
-        if interrupted:
-            warn("edgeexit: interrupted: partial profile written (costs.json needs a complete profile)")
-        stdout.flush()
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        pass
-    return code

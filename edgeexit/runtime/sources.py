@@ -452,6 +452,14 @@ class ImageFilesSource(Source):
             n if self.max_frames is None else min(n, self.max_frames)
         )
 
+    def sample(self, n: int, rng: np.random.Generator) -> None:
+        """Before iterating: keep ``n`` files drawn without replacement in ``rng``'s random order over the whole
+        folder (all of them, shuffled, when it has fewer), so the frames spread across its classes."""
+        keep = rng.permutation(len(self.files))[: max(0, int(n))]
+        self.files = [self.files[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        self.frames_total = len(self.files)
+
     def _name(self, path: Path) -> str:
         if self.kind == "image":
             return path.name
