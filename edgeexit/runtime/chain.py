@@ -34,7 +34,7 @@ from ..policy import ExitPolicy
 from ..preprocess import Preprocess
 from .engine import Backend, Buffer
 
-__all__ = ["Decision", "StageRunner", "ExitRunner", "parse_thresholds", "run_source"]
+__all__ = ["Decision", "StageRunner", "ExitRunner", "bind_stages", "parse_thresholds", "run_source"]
 
 
 @dataclass
@@ -230,21 +230,8 @@ class StageRunner:
             self._in = backend.buffer((1, *self.input_shape), np.float32)
             self._logits = backend.buffer((1, len(self.classes)), np.float32)
             return [mono.bind({"input": self._in}, {"logits": self._logits})]
-        calls, self._outs = [], []
-        feed: Buffer = backend.buffer((1, *self.input_shape), np.float32)
-        self._in = feed
-        cam: Optional[Buffer] = None
-        for j, (engine, f) in enumerate(zip(self._stages, self.pipeline.stages)):
-            outs: Dict[str, Buffer] = {}
-            for spec in f.outputs:
-                keep_on_device = spec.name in ("features", "cam") and not (self.keep_cam and spec.name == "features")
-                outs[spec.name] = backend.buffer((1, *spec.static_shape), np.dtype(spec.dtype), host=not keep_on_device)
-            inputs = {f.input_names[0]: feed}
-            if f.has_input("prev_cam"):
-                inputs["prev_cam"] = cam
-            calls.append(engine.bind(inputs, outs))
-            self._outs.append(outs)
-            feed, cam = outs["features"], outs.get("cam")
+        self._in, calls, self._outs = bind_stages(backend, self._stages, self.pipeline.stages, 1,
+                                                  host_features=self.keep_cam)
         return calls
 
     def _run_one(self, x: np.ndarray, force_all: bool = False) -> Decision:
@@ -406,6 +393,28 @@ class StageRunner:
 
     def _label(self, cls: int) -> str:
         return self.classes[cls] if 0 <= cls < len(self.classes) else str(cls)
+
+
+def bind_stages(backend: Backend, engines: Sequence[Any], files: Sequence[Any], batch: int,
+                host_features: bool = False) -> tuple:
+    """Bind a pipeline's stages once at ``batch`` rows: ``(input buffer, calls, outputs per stage)``. Stage j's
+    ``features`` buffer is stage j+1's input and its ``cam`` the next ``prev_cam``; both stay on the device unless
+    ``host_features`` (drawing needs the features on the host); class, confidence and signals have host views."""
+    feed: Buffer = backend.buffer((batch, *files[0].inputs[0].static_shape), np.float32)
+    first, calls, outs_per_stage = feed, [], []
+    cam: Optional[Buffer] = None
+    for engine, f in zip(engines, files):
+        outs: Dict[str, Buffer] = {}
+        for spec in f.outputs:
+            on_device = spec.name == "cam" or (spec.name == "features" and not host_features)
+            outs[spec.name] = backend.buffer((batch, *spec.static_shape), np.dtype(spec.dtype), host=not on_device)
+        inputs = {f.input_names[0]: feed}
+        if f.has_input("prev_cam"):
+            inputs["prev_cam"] = cam
+        calls.append(engine.bind(inputs, outs))
+        outs_per_stage.append(outs)
+        feed, cam = outs["features"], outs.get("cam")
+    return first, calls, outs_per_stage
 
 
 ExitRunner = StageRunner  # the name earlier releases used

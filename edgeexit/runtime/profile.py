@@ -274,19 +274,12 @@ class BoundChain:
     j; ``load(x)`` copies frames into both inputs."""
 
     def __init__(self, bundle: Any, backend: Any, pipeline: Any, batch: int) -> None:
+        from .chain import bind_stages  # noqa: PLC0415
+
         b = int(batch)
         shape = (b, *bundle.input_shape)
-        self.input = backend.buffer(shape, np.float32)
-        self.calls: List[Callable[[], None]] = []
-        feed, cam = self.input, None
-        for f in pipeline.stages:
-            outs = {s.name: backend.buffer((b, *s.static_shape), np.dtype(s.dtype), host=s.name not in ("features", "cam"))
-                    for s in f.outputs}
-            inputs = {f.input_names[0]: feed}
-            if f.has_input("prev_cam"):
-                inputs["prev_cam"] = cam
-            self.calls.append(backend.engine(f).bind(inputs, outs))
-            feed, cam = outs["features"], outs.get("cam")
+        engines = [backend.engine(f) for f in pipeline.stages]
+        self.input, self.calls, _outs = bind_stages(backend, engines, pipeline.stages, b)
         mono = bundle.monolithic
         self.mono_input = backend.buffer(shape, np.float32)
         outs = {s.name: backend.buffer((b, *s.static_shape), np.dtype(s.dtype)) for s in mono.outputs}
