@@ -388,12 +388,57 @@ def _print_exit_table(ckpt: dict) -> None:
     Console().print(table)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """Every Python warning (Pillow, numpy, edgeexit's own) as one ``edgeexit: warning:`` line."""
+    try:
+        print(f"edgeexit: warning: {_one_line(str(message))}", file=sys.stderr if file is None else file, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _click_exceptions(name: str) -> tuple:
+    """``name`` (UsageError, ClickException, Abort) from click and from the copy of click newer typers carry."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def main() -> None:
+    """The console script: click's usage errors become one ``edgeexit: error:`` line (exit code 2) instead of
+    click's usage block, and warnings are one line each, in every command."""
     import os
+    import warnings
 
     if not sys.stdout.isatty():  # piped or logged: rich would wrap tables at 80 columns and truncate them
         os.environ.setdefault("COLUMNS", "160")
-    app()
+    warnings.showwarning = _show_warning
+    try:
+        code = app(standalone_mode=False)
+    except _click_exceptions("NoArgsIsHelpError") as exc:  # bare `edgeexit` (or a group without a command)
+        typer.echo(exc.ctx.get_help())
+        sys.exit(0)
+    except _click_exceptions("UsageError") as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        typer.echo(f"edgeexit: error: {_one_line(exc.format_message())}{where}", err=True)
+        sys.exit(2)
+    except _click_exceptions("ClickException") as exc:
+        typer.echo(f"edgeexit: error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(2)
+    except _click_exceptions("Abort"):
+        typer.echo("edgeexit: error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -519,13 +519,12 @@ def run_command(
     (missing input, camera that cannot be opened), BackendError, ValueError (bad options), FileNotFoundError
     (the demo assets are not installed).
     """
-    import signal  # noqa: PLC0415
     import sys  # noqa: PLC0415
-    import threading  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     from .backends import open_backend  # noqa: PLC0415
     from .bundle import load_bundle  # noqa: PLC0415
+    from .guards import InterruptGuard, check_bounds, check_output_paths, report_unknown_folders, warmup_batch  # noqa: PLC0415  (issue 11)
     from .outputs import FrameSaver, JsonlWriter, frame_record  # noqa: PLC0415
     from .sources import open_source  # noqa: PLC0415
     from .summary import RunStats  # noqa: PLC0415
@@ -545,7 +544,9 @@ def run_command(
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if max_frames is not None and max_frames < 0:
         raise ValueError(f"--max-frames must be >= 0, got {max_frames}")
+    check_bounds(batch, threads)  # issue 11: --batch and --threads within sane limits
     bundle_path, source_uri, _demo = resolve_inputs(bundle_path, source_uri)
+    check_output_paths({"--out": out, "--save": save}, (source_uri, bundle_path))  # issue 11: never clobber inputs
 
     bundle = load_bundle(bundle_path)
     engines = open_backend(bundle, backend, providers=providers, threads=threads, max_batch=max(batch, 1))
@@ -553,8 +554,7 @@ def run_command(
     writer = saver = None
     stats: Optional[RunStats] = None
     interrupted = False
-    previous_handler: Any = None
-    in_main = threading.current_thread() is threading.main_thread()
+    guard = InterruptGuard()  # issue 11: the first SIGINT/SIGTERM stops the run, later ones cannot lose the summary
     try:
         runner = ExitRunner(bundle, engines, gate=gate, threshold=threshold, max_exit=max_exit, full=full,
                             keep_cam=save is not None)
@@ -565,6 +565,7 @@ def run_command(
             saver = FrameSaver(save, source, runner.preprocess, warn=warn)
         summary_file = stderr if writer.to_stdout else stdout
         stats = RunStats(runner.num_exits, [runner.exit_fraction(i) for i in range(runner.num_exits)], full=full)
+        report_unknown_folders(source, stats, warn)  # issue 11: class folders the model does not know
         policy = runner.policy
         mode = "full depth (every segment, last head only)" if full else (
             f"gate {policy.gate}, thresholds {', '.join(f'{t:g}' for t in policy.thresholds) or '-'}")
@@ -582,15 +583,12 @@ def run_command(
             stats.add_skipped()
             warn(f"edgeexit: warning: skipped {frame.name}: {reason}")
 
-        def on_term(_signum: int, _frame: Any) -> None:
-            raise KeyboardInterrupt
-
-        if in_main:
-            previous_handler = signal.signal(signal.SIGTERM, on_term)
         try:
-            runner.warmup(batch)
+            guard.install()  # issue 11
+            runner.warmup(warmup_batch(batch, source))  # issue 11: warm up at the batch really used
             stats.start()
             run_source(runner, source, batch, on_decision, on_skip)
+            guard.hold()  # issue 11
         except KeyboardInterrupt:
             interrupted = True
         except BrokenPipeError:  # `edgeexit run ... | head`: the reader left; stop quietly
@@ -603,9 +601,11 @@ def run_command(
                 except (OSError, ValueError):
                     pass
         stats.stop()
+    except BaseException:  # issue 11: no summary follows, so give the signals back
+        guard.release()
+        raise
     finally:
-        if in_main and previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        guard.hold()  # issue 11: signals from here on are counted, not acted on
         if source is not None:
             source.close()
         for closable in (saver, writer):
@@ -625,4 +625,6 @@ def run_command(
             print(f"annotated frames: {where}", file=summary_file, flush=True)
     except (BrokenPipeError, KeyboardInterrupt):
         pass
+    finally:
+        guard.release()  # issue 11
     return 130 if interrupted else 0
