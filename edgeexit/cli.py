@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from .imageio import DEFAULT_MAX_PIXELS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Early-exit CNN classifiers for edge cameras.")
 
@@ -47,6 +49,15 @@ def _parse_list(text: Optional[str], kind=float, name: str = "value") -> Optiona
         return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         fail(f"{name} must be a comma-separated list of {kind.__name__}s, got {text!r}")
+
+
+def _set_max_pixels(limit: int) -> None:
+    from .imageio import set_max_pixels
+
+    try:
+        set_max_pixels(limit)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def _need_torch(command: str) -> None:
@@ -86,12 +97,15 @@ def train(
     device: str = typer.Option("auto", help="auto (GPU when present), cpu, cuda, cuda:1 ..."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """Train a multi-exit network on a class-folder data set.
 
     Several GPUs or machines: torchrun --nproc_per_node N -m edgeexit.cli train ...
     """
     _need_torch("train")
+    _set_max_pixels(max_pixels)
     import torch
 
     from .checkpoint import CheckpointError
@@ -180,10 +194,13 @@ def evaluate(
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """Evaluate every calibrated exit gate on a labelled folder (thresholds fixed by calibration): accuracy vs
     cost, operating points, failure-prediction AUROC, oracle; report.json and plots."""
     _need_torch("evaluate")
+    _set_max_pixels(max_pixels)
     from .checkpoint import CheckpointError
     from .collect import one_line_warnings
     from .evaluate import evaluate as run_evaluation, print_report
@@ -208,9 +225,12 @@ def explain(
     images: List[Path] = typer.Argument(..., help="Image files (or folders of images)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG grids [default: reports/<checkpoint stem>/explain]."),
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """One PNG per image: every exit's CAM overlay, prediction, confidence and gate scores; the policy's exit framed."""
     _need_torch("explain")
+    _set_max_pixels(max_pixels)
     from .checkpoint import CheckpointError
     from .collect import one_line_warnings
     from .explain import explain as run_explain
@@ -256,6 +276,8 @@ def run(
     height: Optional[int] = typer.Option(None, "--height", help="Camera capture height."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Camera capture frame rate."),
     quiet: bool = typer.Option(False, "--quiet", help="No informational lines on stderr (warnings and the summary stay)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """Classify frames with a bundle, chaining per-segment engines and really stopping at the first exit whose
     gate allows it (works without torch). One JSON line per frame; a summary table at the end (on stderr when the
@@ -263,6 +285,7 @@ def run(
     from .runtime.backends import BackendError
     from .runtime.bundle import BundleError
     from .runtime.chain import run_command
+    _set_max_pixels(max_pixels)
     from .runtime.sources import SourceError
 
     try:
@@ -352,6 +375,8 @@ def profile(
     cost_metric: str = typer.Option("latency_ms", "--cost-metric", help="latency_ms or energy_mj: the metric of "
                                     "costs.json (both are recorded)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """Measure each segment and head alone (latency, energy) and the adaptive chain against full depth on the same
     frames; write profile.json, costs.json (for edgeexit calibrate --costs) and plots. Works without torch."""
@@ -359,6 +384,7 @@ def profile(
     from .runtime.bundle import BundleError
     from .runtime.meters import MeterError
     from .runtime.profile import profile_command
+    _set_max_pixels(max_pixels)
     from .runtime.sources import SourceError
 
     try:

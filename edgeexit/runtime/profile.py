@@ -953,6 +953,7 @@ def profile_command(
 
     from .backends import open_backend  # noqa: PLC0415
     from .bundle import load_bundle  # noqa: PLC0415
+    from .guards import check_bounds, check_output_paths  # noqa: PLC0415  (issue 11)
     from .meters import METER_SPECS, jetson_clocks_locked, open_meter  # noqa: PLC0415
 
     stdout = stdout if stdout is not None else sys.stdout
@@ -970,6 +971,8 @@ def profile_command(
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if frames < 1:
         raise ValueError(f"--frames must be >= 1, got {frames}")
+    check_bounds(batch, threads)  # issue 11: --batch and --threads within sane limits
+    batch = min(batch, frames)  # issue 11: never allocate or warm up a batch larger than the frames profiled
     if iterations < 1:
         raise ValueError(f"--iterations must be >= 1, got {iterations}")
     if not (math.isfinite(warmup_ms) and warmup_ms >= 0):
@@ -989,6 +992,7 @@ def profile_command(
     bundle_path, source_uri, demo = _resolve_paths(bundle_path, source_uri)
     bundle_name = "demo" if demo else (Path(bundle_path).resolve().name or "bundle")
     out_dir = Path(out) if out else Path(f"profile-{bundle_name}")
+    check_output_paths({"--out": out_dir}, (source_uri, bundle_path))  # issue 11: never write into the inputs
 
     # ---- meter first: a missing sensor fails before any engine is loaded
     power = open_meter(spec, power_watts=power_watts, root=meter_root, rate_hz=rate_hz)
