@@ -143,15 +143,18 @@ def loads_strict(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
 
 class InterruptGuard:
-    """SIGINT and SIGTERM -> one KeyboardInterrupt, then silence until ``release()``.
+    """SIGINT and SIGTERM -> one KeyboardInterrupt, then ignored until ``release()``.
 
-    The first signal raises KeyboardInterrupt in the main thread and, in the same handler, switches both signals
-    to "count and ignore", so a second Ctrl-C or a SIGTERM a few milliseconds later cannot interrupt the clean-up
-    or the summary. ``release()`` restores the previous handlers. Outside the main thread it does nothing (Python
-    delivers signals to the main thread only)."""
+    The first signal raises KeyboardInterrupt in the main thread and, in the same handler, sets both signals to
+    SIG_IGN, so a second Ctrl-C or a SIGTERM a few milliseconds later cannot interrupt the clean-up or the summary.
+    (SIG_IGN, not a Python handler: Python resets its own handlers to the default while the interpreter exits, and
+    a late SIGTERM would then kill the process after the summary, with the wrong exit code.) ``release()``
+    restores the previous handlers when no signal came; after one, the process is on its way out (the run
+    returns 130) and signals stay ignored. Outside the main thread it does nothing (Python delivers signals to
+    the main thread only)."""
 
     def __init__(self) -> None:
-        self.received = 0
+        self.interrupted = False
         self._previous: Dict[int, Any] = {}
         self._armed = threading.current_thread() is threading.main_thread()
 
@@ -162,21 +165,18 @@ class InterruptGuard:
         return self
 
     def _first(self, _signum: int, _frame: Any) -> None:
-        self.received += 1
+        self.interrupted = True
         self.hold()
         raise KeyboardInterrupt
 
-    def _count(self, _signum: int, _frame: Any) -> None:
-        self.received += 1
-
     def hold(self) -> None:
-        """From now on signals are counted, not acted on (called by the first signal, or before the summary)."""
+        """From now on signals are ignored (called by the first signal, and before the clean-up and summary)."""
         if self._armed:
             for sig in self._previous:
-                signal.signal(sig, self._count)
+                signal.signal(sig, signal.SIG_IGN)
 
     def release(self) -> None:
-        if self._armed:
+        if self._armed and not self.interrupted:
             previous, self._previous = self._previous, {}
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
