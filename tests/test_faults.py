@@ -581,3 +581,12 @@ def test_output_guard_ignores_cameras_and_urls(tmp_path):
     check_output_paths({"--out": tmp_path / "x.jsonl", "--save": tmp_path / "s"}, ("0", "rtsp://h/x", "/dev/video0"))
     with pytest.raises(ValueError, match="--save"):
         check_output_paths({"--save": tmp_path}, (f"file://{tmp_path}",))
+
+
+def test_refused_stream_is_named_in_one_line(bundle):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    server.close()  # nothing listens there now
+    line = one_error(cli("run", bundle, f"rtsp://user:secret@127.0.0.1:{port}/live"))
+    assert "connection refused" in line and "secret" not in line

@@ -874,6 +874,30 @@ def _scan_folder(root: Path, classes: Optional[Tuple[str, ...]]
     return files, labels, class_list, unknown
 
 
+def _probe_stream(uri: str, timeout_s: float = 5.0) -> None:
+    """Connect to the stream's host and port first, so a refused or unknown host is named in edgeexit's own line
+    (FFmpeg would say "Connection refused" on its own lines, which are silenced). A server that accepts is left
+    to OpenCV; a probe that cannot decide (timeout, bad URI) decides nothing."""
+    import socket  # noqa: PLC0415
+
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or (322 if parts.scheme.lower() == "rtsps" else 554)
+    except ValueError:
+        return
+    if not host:
+        return
+    try:
+        call_interruptibly(lambda: socket.create_connection((host, port), timeout=timeout_s).close(),
+                           timeout_s + 1.0, f"stream {_redact(uri)}")
+    except ConnectionRefusedError:
+        raise SourceError(f"cannot open stream {_redact(uri)}: connection refused by {host}:{port}") from None
+    except socket.gaierror as exc:
+        raise SourceError(f"cannot open stream {_redact(uri)}: unknown host {host} ({exc.strerror})") from None
+    except (OSError, SourceError):
+        return
+
+
 def _camera_device(text: str) -> Optional[Tuple[Union[int, str], str]]:
     """("0" | "/dev/video0") -> (capture target, display name), or None when ``text`` is not a camera."""
     if text.isdigit():
@@ -940,6 +964,8 @@ def open_source(
         if opencv_has_gstreamer():  # try GStreamer first (hardware decode on Jetson), then FFMPEG
             candidates.append((rtsp_pipeline(uri), "gstreamer"))
         candidates.append((uri, "ffmpeg"))
+        if capture_factory is None:  # a real network stream (an injected capture may fake the host)
+            _probe_stream(uri)
         return LiveSource(uri, kind="rtsp", label=f"stream {_redact(uri)}", candidates=candidates, **common, **live)
 
     # files
