@@ -251,7 +251,8 @@ def run(
     source: Optional[str] = typer.Argument(None, help="Input: image, folder (class sub-folders give labels and "
                                            "accuracy), video file, camera index, /dev/videoN, v4l2://, csi://N, "
                                            "rtsp://... (default: the demo samples)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON lines to this file instead of stdout. "
+    out: Optional[Path] = typer.Option(None, "--out", help="Append the JSON lines to this file instead of stdout (created "
+                                       "if missing, locked while the run writes). "
                                        "Fields: frame, time (video, camera) or name (file), class_id, label, "
                                        "confidence, exit, gate_score, latency_ms (the frame's share of the inference "
                                        "time), macs, true_id / true_label / correct (labelled folders), failed "
