@@ -590,3 +590,21 @@ def test_refused_stream_is_named_in_one_line(bundle):
     server.close()  # nothing listens there now
     line = one_error(cli("run", bundle, f"rtsp://user:secret@127.0.0.1:{port}/live"))
     assert "connection refused" in line and "secret" not in line
+
+
+def test_save_into_the_folder_of_a_video_keeps_the_video(bundle, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    clip = folder / "clip.mp4"  # the name the annotated video would take
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (32, 32))
+    if not writer.isOpened():
+        pytest.skip("no mp4v encoder in this OpenCV")
+    for k in range(6):
+        writer.write(np.full((32, 32, 3), 40 * k, np.uint8))
+    writer.release()
+    before = digest(clip)
+    proc = cli("run", bundle, clip, "--save", folder, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert digest(clip) == before
+    assert sorted(p.name for p in folder.iterdir()) == ["clip-1.mp4", "clip.mp4"]
