@@ -203,6 +203,7 @@ def call_interruptibly(fn: Callable[[], Any], timeout_s: float, what: str, dispo
 
 def opencv_has_gstreamer() -> bool:
     """True when the installed OpenCV was built with GStreamer (JetPack's is; the pip wheels are not)."""
+    quiet_native_logs()
     try:
         import cv2  # noqa: PLC0415
     except ImportError:
