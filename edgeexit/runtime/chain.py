@@ -524,7 +524,7 @@ def run_command(
 
     from .backends import open_backend  # noqa: PLC0415
     from .bundle import load_bundle  # noqa: PLC0415
-    from .guards import InterruptGuard, check_bounds, check_output_paths, report_unknown_folders, warmup_batch  # noqa: PLC0415  (issue 11)
+    from .guards import InterruptGuard, check_bounds, check_output_paths, report_unknown_folders, warmup_batch  # noqa: PLC0415
     from .outputs import FrameSaver, JsonlWriter, frame_record  # noqa: PLC0415
     from .sources import open_source  # noqa: PLC0415
     from .summary import RunStats  # noqa: PLC0415

@@ -166,10 +166,12 @@ def opencv_capture(target: Union[int, str], backend: str = "any") -> Capture:
     return cv2.VideoCapture(target, apis[backend])
 
 
-def call_interruptibly(fn: Callable[[], Any], timeout_s: float, what: str, dispose: Callable[[Any], None] = lambda _v: None) -> Any:
-    """``fn()`` in a daemon thread while this thread waits in short steps, so Ctrl-C and SIGTERM act at once even
-    when ``fn`` blocks inside native code (OpenCV opening a stream that never answers). After ``timeout_s`` it
-    raises SourceError naming ``what``. A result that arrives after the caller gave up goes to ``dispose``."""
+def call_interruptibly(fn: Callable[[], Any], timeout_s: float, what: str,
+                       dispose: Callable[[Any], None] = lambda _v: None) -> Any:
+    """``fn()`` in a daemon thread while this thread waits on an event (interruptibly), so Ctrl-C and SIGTERM act
+    at once even when ``fn`` blocks inside native code (OpenCV opening a stream that never answers). After
+    ``timeout_s`` it raises SourceError naming ``what``. A result that arrives after the caller gave up goes to
+    ``dispose``."""
     lock = threading.Lock()
     done = threading.Event()
     state: dict = {"abandoned": False}
