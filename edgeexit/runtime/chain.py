@@ -605,7 +605,7 @@ def run_command(
         guard.release()
         raise
     finally:
-        guard.hold()  # issue 11: signals from here on are counted, not acted on
+        guard.hold()  # issue 11: signals from here on are ignored (the clean-up and the summary go through)
         if source is not None:
             source.close()
         for closable in (saver, writer):
