@@ -63,7 +63,29 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    _check_fields(path, data)
     return data
+
+
+def _check_fields(path: Path, data: dict[str, Any]) -> None:
+    """The fields later steps parse: a config mapping, a list of class names, a preprocessing that parses (and
+    whose mean/std are finite); one-line CheckpointError otherwise (a tampered or hand-edited checkpoint)."""
+    import math
+
+    from .preprocess import Preprocess
+
+    if not isinstance(data["config"], dict):
+        raise CheckpointError(f"{path}: malformed config (a mapping expected, got {type(data['config']).__name__})")
+    classes = data["classes"]
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: malformed classes (a non-empty list of names expected)")
+    try:
+        pre = Preprocess.from_dict(data["preprocess"])
+        if not all(math.isfinite(v) for v in (*pre.mean, *pre.std)):
+            raise ValueError("mean and std must be finite")
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        reason = f"missing {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
+        raise CheckpointError(f"{path}: malformed preprocess: {reason[:200]}") from None
 
 
 def load_model(path: Path | str):
@@ -73,7 +95,14 @@ def load_model(path: Path | str):
     data = load_checkpoint(path)
     try:
         model = build_model(data["config"])
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError, OverflowError) as exc:
+        reason = f"missing {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())
+        raise CheckpointError(f"{path}: malformed config: {reason[:200]}") from None
+    try:
         model.load_state_dict(data["state_dict"])
-    except (KeyError, ValueError, RuntimeError) as exc:
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: weights do not fit its model config: {str(exc).splitlines()[0][:200]}") from None
+    outputs = int(model.heads[-1].fc.out_features)
+    if outputs != len(data["classes"]):
+        raise CheckpointError(f"{path}: {len(data['classes'])} class names for a model with {outputs} outputs")
     return model.eval(), data

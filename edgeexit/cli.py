@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from .imageio import DEFAULT_MAX_PIXELS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Early-exit CNN classifiers for edge cameras.")
 
@@ -58,6 +60,15 @@ def _parse_list(text: Optional[str], kind=float, name: str = "value") -> Optiona
         fail(f"{name} must be a comma-separated list of {kind.__name__}s, got {text!r}")
 
 
+def _set_max_pixels(limit: int) -> None:
+    from .imageio import set_max_pixels
+
+    try:
+        set_max_pixels(limit)
+    except ValueError as exc:
+        fail(str(exc))
+
+
 def _need_torch(command: str) -> None:
     try:
         import torch  # noqa: F401
@@ -95,12 +106,15 @@ def train(
     device: str = typer.Option("auto", help="auto (GPU when present), cpu, cuda, cuda:1 ..."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """Train a multi-exit network on a class-folder data set.
 
     Several GPUs or machines: torchrun --nproc_per_node N -m edgeexit.cli train ...
     """
     _need_torch("train")
+    _set_max_pixels(max_pixels)
     import torch
 
     from .checkpoint import CheckpointError
@@ -189,10 +203,13 @@ def evaluate(
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """Evaluate every calibrated exit gate on a labelled folder (thresholds fixed by calibration): accuracy vs
     cost, operating points, failure-prediction AUROC, oracle; report.json and plots."""
     _need_torch("evaluate")
+    _set_max_pixels(max_pixels)
     from .checkpoint import CheckpointError
     from .collect import one_line_warnings
     from .evaluate import evaluate as run_evaluation, print_report
@@ -217,9 +234,12 @@ def explain(
     images: List[Path] = typer.Argument(..., help="Image files (or folders of images)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG grids [default: reports/<checkpoint stem>/explain]."),
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """One PNG per image: every exit's CAM overlay, prediction, confidence and gate scores; the policy's exit framed."""
     _need_torch("explain")
+    _set_max_pixels(max_pixels)
     from .checkpoint import CheckpointError
     from .collect import one_line_warnings
     from .explain import explain as run_explain
@@ -240,7 +260,8 @@ def run(
     source: Optional[str] = typer.Argument(None, help="Input: image, folder (class sub-folders give labels and "
                                            "accuracy), video file, camera index, /dev/videoN, v4l2://, csi://N, "
                                            "rtsp://... (default: the demo samples)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON lines to this file instead of stdout. "
+    out: Optional[Path] = typer.Option(None, "--out", help="Append the JSON lines to this file instead of stdout (created "
+                                       "if missing, locked while the run writes). "
                                        "Fields: frame, time (video, camera) or name (file), class_id, label, "
                                        "confidence, exit, gate_score, latency_ms (the frame's share of the inference "
                                        "time), macs, true_id / true_label / correct (labelled folders), failed "
@@ -269,6 +290,8 @@ def run(
     height: Optional[int] = typer.Option(None, "--height", help="Camera capture height."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Camera capture frame rate."),
     quiet: bool = typer.Option(False, "--quiet", help="No informational lines on stderr (warnings and the summary stay)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """Classify frames with a bundle, chaining its stage engines (one per kept exit) and really stopping at the
     first exit whose gate allows it (works without torch). One JSON line per frame; a summary table at the end (on stderr when the
@@ -276,6 +299,7 @@ def run(
     from .runtime.backends import BackendError
     from .runtime.bundle import BundleError
     from .runtime.commands import RunOptions, run_command
+    _set_max_pixels(max_pixels)
     from .runtime.sources import SourceError
 
     try:
@@ -373,6 +397,8 @@ def profile(
     cost_metric: str = typer.Option("latency_ms", "--cost-metric", help="latency_ms or energy_mj: the metric of "
                                     "costs.json (both are recorded)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
+                                   "pixels than this; JPEGs are decoded reduced when that fits."),
 ) -> None:
     """Measure each stage and full.onnx alone (latency, energy), the per-call overhead, and the adaptive chain
     against full depth on the same frames; write profile.json, costs.json (for edgeexit calibrate --costs) and
@@ -381,6 +407,7 @@ def profile(
     from .runtime.bundle import BundleError
     from .runtime.commands import ProfileOptions, profile_command
     from .runtime.meters import MeterError
+    _set_max_pixels(max_pixels)
     from .runtime.sources import SourceError
 
     options = ProfileOptions(bundle=bundle, source=source, out=str(out) if out else None, gate=gate, backend=backend,
@@ -411,12 +438,57 @@ def _print_exit_table(ckpt: dict) -> None:
     Console().print(table)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """Every Python warning (Pillow, numpy, edgeexit's own) as one ``edgeexit: warning:`` line."""
+    try:
+        print(f"edgeexit: warning: {_one_line(str(message))}", file=sys.stderr if file is None else file, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _click_exceptions(name: str) -> tuple:
+    """``name`` (UsageError, ClickException, Abort) from click and from the copy of click newer typers carry."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def main() -> None:
+    """The console script: click's usage errors become one ``edgeexit: error:`` line (exit code 2) instead of
+    click's usage block, and warnings are one line each, in every command."""
     import os
+    import warnings
 
     if not sys.stdout.isatty():  # piped or logged: rich would wrap tables at 80 columns and truncate them
         os.environ.setdefault("COLUMNS", "160")
-    app()
+    warnings.showwarning = _show_warning
+    try:
+        code = app(standalone_mode=False)
+    except _click_exceptions("NoArgsIsHelpError") as exc:  # bare `edgeexit` (or a group without a command)
+        typer.echo(exc.ctx.get_help())
+        sys.exit(0)
+    except _click_exceptions("UsageError") as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        typer.echo(f"edgeexit: error: {_one_line(exc.format_message())}{where}", err=True)
+        sys.exit(2)
+    except _click_exceptions("ClickException") as exc:
+        typer.echo(f"edgeexit: error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(2)
+    except _click_exceptions("Abort"):
+        typer.echo("edgeexit: error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -20,20 +22,120 @@ def is_image_file(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: Path | str, channels: int = 3) -> np.ndarray:
-    """Read an image file as uint8 HxWxC (C = 3: RGB, C = 1: grayscale).
+DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: above any camera frame, far below what fills a device's memory
+_max_pixels = DEFAULT_MAX_PIXELS
 
-    Raises ImageError with the file name for anything unreadable, so callers can skip and count it.
+
+class ImageTooLarge(ImageError):
+    """An image with more pixels than the limit (skipped and counted like an unreadable one)."""
+
+
+def set_max_pixels(limit: int) -> None:
+    """Set the process-wide pixel limit of ``load_image`` (the commands' ``--max-pixels``)."""
+    global _max_pixels
+    ceiling = _pil_ceiling()
+    if not 1 <= int(limit) <= ceiling:
+        raise ValueError(f"--max-pixels must be between 1 and {ceiling} (Pillow's own limit), got {limit}")
+    _max_pixels = int(limit)
+
+
+def max_pixels() -> int:
+    return _max_pixels
+
+
+def _pil_ceiling() -> int:
+    """Pillow refuses images above 2 x Image.MAX_IMAGE_PIXELS (DecompressionBombError) before we see them."""
+    return 2 * int(Image.MAX_IMAGE_PIXELS) if Image.MAX_IMAGE_PIXELS else 1 << 40
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` with Pillow's decompression-bomb warning and error turned into our own limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ImageTooLarge(f"image {path} is too large: more than {_pil_ceiling()} pixels") from None
+    with img:
+        yield img
+
+
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with _open(path) as img:
+            return img.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+
+
+def _reduce_if_large(img: Image.Image, path: Path, limit: int) -> None:
+    """Refuse an image above ``limit`` pixels before decoding it; a JPEG is decoded at 1/2, 1/4 or 1/8 scale
+    instead (draft mode) when that brings it under the limit."""
+    width, height = img.size
+    if width * height <= limit:
+        return
+    if img.format == "JPEG":
+        for scale in (2, 4, 8):
+            if (width // scale) * (height // scale) <= limit:
+                img.draft(img.mode, (width // scale, height // scale))
+                return
+    raise ImageTooLarge(f"image {path} is too large: {width}x{height} = {width * height / 1e6:.0f} MP "
+                        f"(limit {limit / 1e6:g} MP, --max-pixels)")
+
+
+def _to_8bit(img: Image.Image, channels: int) -> np.ndarray:
+    """Any Pillow mode -> uint8 HxWxC. 16- and 32-bit grayscale keep their full range (65535 -> 255, not clipped
+    to white); transparent images are composited over white; palette, LA, CMYK, YCbCr ... through Pillow."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        gray = np.asarray(img).astype(np.float64)
+        gray = np.clip(np.rint(gray / 257.0), 0, 255).astype(np.uint8)
+        return gray[:, :, None] if channels == 1 else np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        gray = np.clip(np.rint(np.nan_to_num(np.asarray(img, dtype=np.float64))), 0, 255).astype(np.uint8)
+        return gray[:, :, None] if channels == 1 else np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    array = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    return array if array.ndim == 3 else array[:, :, None]
+
+
+_ORIENTATION = 0x0112  # EXIF tag
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: rotated/flipped by its EXIF orientation (phones store portrait JPEGs as
+    landscape pixels plus this tag)."""
+    if img.getexif().get(_ORIENTATION, 1) in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def load_image(path: Path | str, channels: int = 3, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as uint8 HxWxC (C = 3: RGB, C = 1: grayscale), upright (EXIF orientation applied).
+
+    ``max_pixels`` (default: the process-wide limit, ``set_max_pixels``) refuses larger images before decoding
+    them (JPEGs are decoded reduced when that fits). Raises ImageError (ImageTooLarge for the limit) with the file
+    name for anything unreadable, so callers can skip and count it.
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
+            _reduce_if_large(img, path, int(max_pixels or _max_pixels))
             img.load()
-            img = img.convert("RGB" if channels == 3 else "L")
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            return _to_8bit(_upright(img), channels)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (OSError, SyntaxError, struct.error ...: Pillow raises many kinds)
         raise ImageError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
-    return array if array.ndim == 3 else array[:, :, None]
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

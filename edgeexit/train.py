@@ -250,10 +250,9 @@ def model_config(cfg: TrainConfig, num_classes: int, input_size: int) -> dict:
 
 
 def _infer_input_size(paths: Sequence[Path]) -> int:
-    from PIL import Image
+    from .imageio import image_size
 
-    with Image.open(paths[0]) as img:
-        return int(min(img.size))
+    return int(min(image_size(paths[0])))  # header only: a huge or broken first image is a one-line ImageError
 
 
 # ----------------------------------------------------------------------------------------------- main loop

@@ -123,11 +123,15 @@ def test_folder_with_class_subfolders(tmp_path):
     ]
     assert [f.index for f in frames] == [0, 1, 2, 3]
 
-    # the model's classes pin the order; a class folder the model does not know -> label None
+    # the model's classes pin the order; a class folder the model does not know is left out (run reports it)
     with open_source(str(tmp_path), classes=("dog", "cat")) as src:
         assert [f.label for f in src] == [1, 1, 0, 0]
     with open_source(str(tmp_path), classes=("bird", "dog")) as src:
-        assert [f.label for f in src] == [None, None, 1, 1]
+        assert [f.label for f in src] == [1, 1]
+        assert src.unknown_folders == {"cat": 2} and src.labelled
+    with open_source(str(tmp_path), classes=("bird",)) as src:  # no folder is a class: an unlabelled tree
+        assert [f.label for f in src] == [None] * 4
+        assert src.unknown_folders == {"cat": 2, "dog": 2} and not src.labelled
 
 
 def test_flat_folder_corrupt_and_empty_files(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..runtime.bundle import Bundle, is_bundle_dir, load_bundle
+from ..runtime.guards import SigtermAsInterrupt
 from ..runtime.tensorrt_build import TensorRTMissing, build_bundle_engines, tensorrt_available
 
 __all__ = ["export_command"]
@@ -37,7 +38,30 @@ def export_command(
     warn: Callable[[str], None] = print,
 ) -> Bundle:
     """Run the export; raises ValueError subclasses (CheckpointError, BundleError, ExportError), OSError,
-    TensorRTError with one-line messages."""
+    TensorRTError with one-line messages. SIGTERM acts as Ctrl-C does: the temporary directory is removed."""
+    with SigtermAsInterrupt():
+        return _export(ckpt, out, force=force, opset=opset, samples=samples, check=check, tensorrt=tensorrt,
+                       fp16=fp16, int8=int8, calib_images=calib_images, calib_data=calib_data, max_batch=max_batch,
+                       echo=echo, warn=warn)
+
+
+def _export(
+    ckpt: Path,
+    out: Optional[Path],
+    *,
+    force: bool,
+    opset: int,
+    samples: int,
+    check: bool,
+    tensorrt: bool,
+    fp16: bool,
+    int8: bool,
+    calib_images: int,
+    calib_data: Optional[Path],
+    max_batch: int,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> Bundle:
     if (fp16 or int8) and not tensorrt:
         raise ValueError("--fp16 / --int8 set the precision of TensorRT engines: add --tensorrt")
     if max_batch < 1:

@@ -19,7 +19,6 @@ import copy
 import datetime as _dt
 import math
 import os
-import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..runtime.bundle import (
 from ..stages import stage_ranges
 from .head_graph import FullGraph
 from .stage_graph import CamGraph, StageGraph
+from .replace import commit_dir, remove_stale, temp_dir_for
 
 __all__ = ["export_bundle", "ExportError", "ExportCheckError", "TOLERANCE", "DEFAULT_SAMPLES", "MIN_OPSET",
            "check_pipeline_parity", "check_monolithic", "torch_reference", "validation_inputs"]
@@ -419,19 +419,25 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _commit(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished temporary bundle into place (replacing an existing bundle only when ``force``)."""
+    """Put the finished temporary bundle in place (replacing an existing bundle only when ``force``; swapped
+    atomically where the system can, see ``replace.commit_dir``)."""
     if out.exists() or out.is_symlink():
         _prepare_target(out, force)
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    commit_dir(tmp, out)
+
+
+def max_opset() -> int:
+    """The newest opset both torch's exporter and the installed onnx support."""
+    import onnx
+
+    limit = int(onnx.defs.onnx_opset_version())
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET  # noqa: PLC0415 (private, but the exporter's own bound)
+
+        limit = min(limit, int(ONNX_MAX_OPSET))
+    except (ImportError, AttributeError):
+        pass
+    return limit
 
 
 def _fmt(v: float) -> str:
@@ -515,13 +521,15 @@ def export_bundle(
     """
     import onnx
 
-    if int(opset) < MIN_OPSET:
-        raise ExportError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if not MIN_OPSET <= int(opset) <= max_opset():
+        raise ExportError(f"--opset must be between {MIN_OPSET} and {max_opset()} (what this torch and onnx "
+                          f"export), got {opset}")
     opset = int(opset)
     n_samples = DEFAULT_SAMPLES if samples is None else int(samples)
     if check and n_samples < 1:
         raise ExportError(f"samples must be >= 1, got {samples}")
     out = Path(out_dir)
+    remove_stale(out)  # temporary directories of killed exports; a bundle a killed --force set aside goes back
     _prepare_target(out, force)  # fail fast, before the work
 
     source, ckpt, origin = _resolve_model(checkpoint_path_or_model)
@@ -547,7 +555,7 @@ def export_bundle(
         raise ExportError(str(exc)) from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = temp_dir_for(out)
     tmp.mkdir()
     try:
         costs = model.costs()

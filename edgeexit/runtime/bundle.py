@@ -239,6 +239,8 @@ def validate_manifest(manifest: Any) -> None:
 
 def read_manifest(bundle_dir: Union[str, Path]) -> Dict[str, Any]:
     """Parse ``bundle_dir/manifest.json`` (no schema check); one-line BundleError when it cannot be read."""
+    from .guards import loads_strict  # noqa: PLC0415  (issue 11)
+
     root = Path(bundle_dir)
     if not root.exists():
         raise BundleError(f"bundle not found: {root}")
@@ -250,11 +252,13 @@ def read_manifest(bundle_dir: Union[str, Path]) -> Dict[str, Any]:
     if path.stat().st_size > _MAX_MANIFEST_BYTES:
         raise BundleError(f"{path}: too large for a manifest ({path.stat().st_size} bytes)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_strict(path.read_text(encoding="utf-8"))  # issue 11: no NaN/Infinity, nesting limited
     except UnicodeDecodeError:
         raise BundleError(f"{path}: not UTF-8 text (corrupted?)") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except ValueError as exc:  # issue 11: loads_strict's NaN/Infinity constants and nesting depth
+        raise BundleError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path}: must hold a JSON object, got {type(data).__name__}")
     return data

@@ -23,7 +23,7 @@ from .bundle import load_bundle
 from .chain import Decision, StageRunner, run_source
 from .outputs import FrameSaver, JsonlWriter, frame_record
 from .profile import BLOCK_FRAMES
-from .sources import open_source
+from .sources import open_source, quiet_native_logs
 from .summary import RunStats
 
 __all__ = ["RunOptions", "run_command", "ProfileOptions", "profile_command", "resolve_inputs", "demo_path"]
@@ -73,20 +73,6 @@ def _looks_like_source(text: str) -> bool:
     return Path(text).expanduser().is_file()
 
 
-def _quiet_opencv() -> None:
-    """Keep OpenCV's own warnings ("can't open camera by index" ...) off stderr: errors are reported in one line."""
-    import os  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # read when cv2 logs first
-    cv2 = sys.modules.get("cv2")
-    if cv2 is not None:
-        try:
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-        except Exception:  # noqa: BLE001 (older builds)
-            pass
-
-
 
 @dataclass
 class RunOptions:
@@ -127,6 +113,7 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
     gate, threshold, max_exit, full, backend, providers = o.gate, o.threshold, o.max_exit, o.full, o.backend, o.providers
     threads, loop, max_frames, quiet = o.threads, o.loop, o.max_frames, o.quiet
     width, height, fps = o.width, o.height, o.fps
+    from .guards import InterruptGuard, check_bounds, check_output_paths, report_unknown_folders, warmup_batch  # noqa: PLC0415
 
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
@@ -138,12 +125,14 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
     def warn(message: str) -> None:
         print(message, file=stderr, flush=True)
 
-    _quiet_opencv()
+    quiet_native_logs()
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if max_frames is not None and max_frames < 0:
         raise ValueError(f"--max-frames must be >= 0, got {max_frames}")
+    check_bounds(batch, threads)  # issue 11: --batch and --threads within sane limits
     bundle_path, source_uri, _demo = resolve_inputs(bundle_path, source_uri)
+    check_output_paths({"--out": out, "--save": save}, (source_uri, bundle_path))  # issue 11: never clobber inputs
 
     bundle = load_bundle(bundle_path)
     extra = {"cuda_graphs": True} if o.cuda_graphs else {}
@@ -155,8 +144,7 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
     writer = saver = None
     stats: Optional[RunStats] = None
     interrupted = False
-    previous_handler: Any = None
-    in_main = threading.current_thread() is threading.main_thread()
+    guard = InterruptGuard()  # issue 11: the first SIGINT/SIGTERM stops the run, later ones cannot lose the summary
     try:
         runner = StageRunner(bundle, engines, gate=gate, threshold=threshold, max_exit=max_exit, full=full,
                              keep_cam=save is not None)
@@ -167,6 +155,7 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
             saver = FrameSaver(save, source, runner.preprocess, warn=warn)
         summary_file = stderr if writer.to_stdout else stdout
         stats = RunStats(runner.num_exits, [runner.exit_fraction(i) for i in range(runner.num_exits)], full=full)
+        report_unknown_folders(source, stats, warn)  # issue 11: class folders the model does not know
         policy = runner.policy
         mode = "plain network (full.onnx, one call per frame)" if full else (
             f"gate {policy.gate}, stages ending at exits {', '.join(map(str, runner.exits))}, thresholds "
@@ -185,15 +174,12 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
             stats.add_skipped()
             warn(f"edgeexit: warning: skipped {frame.name}: {reason}")
 
-        def on_term(_signum: int, _frame: Any) -> None:
-            raise KeyboardInterrupt
-
-        if in_main:
-            previous_handler = signal.signal(signal.SIGTERM, on_term)
         try:
-            runner.warmup(batch)
+            guard.install()  # issue 11
+            runner.warmup(warmup_batch(batch, source))  # issue 11: warm up at the batch really used
             stats.start()
             run_source(runner, source, batch, on_decision, on_skip)
+            guard.hold()  # issue 11
         except KeyboardInterrupt:
             interrupted = True
         except BrokenPipeError:  # `edgeexit run ... | head`: the reader left; stop quietly
@@ -206,9 +192,11 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
                 except (OSError, ValueError):
                     pass
         stats.stop()
+    except BaseException:  # issue 11: no summary follows, so give the signals back
+        guard.release()
+        raise
     finally:
-        if in_main and previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        guard.hold()  # issue 11: signals from here on are ignored (the clean-up and the summary go through)
         if source is not None:
             source.close()
         for closable in (saver, writer):
@@ -228,6 +216,8 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
             print(f"annotated frames: {where}", file=summary_file, flush=True)
     except (BrokenPipeError, KeyboardInterrupt):
         pass
+    finally:
+        guard.release()  # issue 11
     return 130 if interrupted else 0
 
 
@@ -306,10 +296,15 @@ def profile_command(options: ProfileOptions, stdout: Optional[TextIO] = None, st
     def warn(message: str) -> None:
         print(message, file=stderr, flush=True)
 
+    from .guards import check_bounds, check_output_paths  # noqa: PLC0415
+
     o.check()
+    check_bounds(o.batch, o.threads)  # --batch and --threads within sane limits
+    o.batch = min(o.batch, o.frames)  # never allocate or warm up a batch larger than the frames profiled
     bundle_path, source_uri, demo = resolve_inputs(o.bundle, o.source)
     bundle_name = "demo" if demo else (Path(bundle_path).resolve().name or "bundle")
     out_dir = Path(o.out) if o.out else Path(f"profile-{bundle_name}")
+    check_output_paths({"--out": str(out_dir)}, (source_uri, bundle_path))  # never write into the inputs
 
     # the meter first: a missing sensor fails before any engine is loaded
     power = open_meter(o.meter_spec, power_watts=o.power_watts, root=o.meter_root, rate_hz=o.rate_hz)

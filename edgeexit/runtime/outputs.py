@@ -41,13 +41,19 @@ def _num(value: Any, digits: int = 6) -> Optional[float]:
     return round(value, digits) if math.isfinite(value) else None
 
 
+def printable_name(name: Any) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by os.fsdecode as surrogates) become
+    ``\\xNN`` escapes instead of making the JSON line unwritable."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace") if isinstance(name, (str, bytes)) else str(name)
+
+
 def frame_record(frame: Any, decision: Any, classes: Optional[Tuple[str, ...]] = None) -> Dict[str, Any]:
     """The JSON record of one frame: frame index, file name or source time, prediction, exit, gate score,
     latency, true label when known, and the failure reason (null when it did not fail)."""
     rec: Dict[str, Any] = {"frame": int(frame.index)}
     if frame.source_time is not None:
         rec["time"] = _num(frame.source_time, 4)
-    rec["name"] = frame.name
+    rec["name"] = printable_name(frame.name)
     failed = bool(decision.failed)
     rec["class_id"] = None if failed else int(decision.class_id)
     rec["label"] = None if failed else decision.label
@@ -66,7 +72,12 @@ def frame_record(frame: Any, decision: Any, classes: Optional[Tuple[str, ...]] =
 
 
 class JsonlWriter:
-    """JSON lines to ``path`` (created or truncated) or to stdout (``path`` None or "-")."""
+    """JSON lines to stdout (``path`` None or "-") or appended to ``path``.
+
+    A file is locked (``flock``, exclusive) for the whole run, so a second run naming the same file fails with a
+    one-line error instead of interleaving torn lines. Before the first line is appended the file's content is
+    checked under that lock: it must be empty or JSON lines (a file of anything else is refused: ValueError, the
+    file untouched); a last line without its newline (a killed writer) gets one, so every new line is whole."""
 
     def __init__(self, path: Union[None, str, Path] = None, stream: Optional[TextIO] = None):
         self.path = None if path in (None, "-") else Path(path)  # type: ignore[arg-type]
@@ -74,7 +85,7 @@ class JsonlWriter:
         if self.path is not None:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh: TextIO = open(self.path, "w", encoding="utf-8", buffering=1)
+            self._fh: TextIO = _open_locked_jsonl(self.path)
             self._own = True
         else:
             self._fh = stream if stream is not None else sys.stdout
@@ -110,6 +121,40 @@ class JsonlWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_locked_jsonl(path: Path) -> TextIO:
+    """Open ``path`` for appending (created if missing, never truncated), locked, after the content check."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        _lock(fd, path)
+        size = os.fstat(fd).st_size
+        if size:
+            head = os.pread(fd, 64, 0).lstrip()
+            if head and not head.startswith(b"{"):
+                raise ValueError(f"--out {path} exists and is not a JSON lines file: refusing to write into it "
+                                 "(choose a new file, or an earlier --out to append to)")
+            if os.pread(fd, 1, size - 1) != b"\n":
+                os.write(fd, b"\n")
+        return io.open(fd, "w", encoding="utf-8", buffering=1, closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _lock(fd: int, path: Path) -> None:
+    """An exclusive, non-blocking lock of the whole file (released when the file is closed)."""
+    try:
+        import fcntl  # noqa: PLC0415 (POSIX only)
+    except ImportError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"--out {path} is being written by another process (another edgeexit run?): "
+                         "choose another file") from None
+    except OSError:  # a file system without locks (some network mounts): write unlocked
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -203,9 +248,31 @@ def _safe_relative(name: str) -> Path:
     return Path(*parts) if parts else Path("frame")
 
 
+def new_path(path: Path) -> Path:
+    """``path`` if nothing is there, else the first free ``stem-1.ext``, ``stem-2.ext`` ... (never overwrite)."""
+    candidate, n = Path(path), 0
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _save_new_png(picture: np.ndarray, path: Path) -> Path:
+    """Write a PNG to a file that did not exist (exclusive create; ``new_path`` naming when taken)."""
+    while True:
+        path = new_path(path)
+        try:
+            with open(path, "xb") as fh:
+                Image.fromarray(picture).save(fh, format="PNG")
+            return path
+        except FileExistsError:  # taken between the check and the create: next name
+            continue
+
+
 class FrameSaver:
     """Annotated frames under ``directory``: PNGs (image and folder sources, named after the input file) or one
-    video (other sources: ``<video stem>.mp4`` or ``<kind>.mp4``; .avi with MJPG when no mp4 encoder is there)."""
+    video (other sources: ``<video stem>.mp4`` or ``<kind>.mp4``; .avi with MJPG when no mp4 encoder is there).
+    Only new files are written: a name already taken gets ``-1``, ``-2`` ... before its extension."""
 
     def __init__(self, directory: Union[str, Path], source: Any, preprocess: Any = None, warn: Any = None):
         self.directory = Path(directory)
@@ -228,15 +295,14 @@ class FrameSaver:
         if not self.as_video:
             path = self.directory / _safe_relative(frame.name).with_suffix(".png")
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(picture).save(path)
+            _save_new_png(picture, path)
             self.saved += 1
             return
         if self._writer is None and not self._tried:
             self._tried = True
             self._open(picture.shape[1], picture.shape[0])
         if self._writer is None:  # no encoder: fall back to PNGs
-            path = self.directory / f"{self.video_stem}_{int(frame.index):06d}.png"
-            Image.fromarray(picture).save(path)
+            _save_new_png(picture, self.directory / f"{self.video_stem}_{int(frame.index):06d}.png")
             self.saved += 1
             return
         if (picture.shape[1], picture.shape[0]) != self._size:
@@ -251,7 +317,7 @@ class FrameSaver:
             self._warn("edgeexit: warning: OpenCV is missing: saving annotated frames as PNG instead of a video")
             return
         for suffix, codec in ((".mp4", "mp4v"), (".avi", "MJPG")):
-            path = self.directory / f"{self.video_stem}{suffix}"
+            path = new_path(self.directory / f"{self.video_stem}{suffix}")
             writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), self.fps, (width, height))
             if writer.isOpened():
                 self._writer, self._size, self.video_path = writer, (width, height), path

@@ -72,6 +72,9 @@ CAP_PROP_FRAME_COUNT = 7
 CAP_PROP_BUFFERSIZE = 38
 
 CSI_DEFAULTS = (1280, 720, 30.0)  # width, height, fps
+OPEN_TIMEOUT_MS = 10_000  # streams: OpenCV's open and read timeouts
+_OPEN_WAIT_S = 15.0  # the safety net around an open that ignores them
+_MAX_DECODE_FAILURES = 25  # consecutive undecodable video frames that mean "the end" when the count is unknown
 _JOIN_TIMEOUT_S = 2.0
 _POLL_S = 0.1
 
@@ -121,7 +124,21 @@ CaptureFactory = Callable[[Union[int, str], str], Capture]
 # OpenCV helpers
 
 
+def quiet_native_logs() -> None:
+    """Silence OpenCV's and FFmpeg's own stderr lines ("moov atom not found", "[ WARN:0@0.1] ...") before cv2 is
+    first used: edgeexit reports every failure in its own one line. Settings the user made stay."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET, read when the FFmpeg backend starts
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        try:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        except Exception:  # noqa: BLE001 (older builds)
+            pass
+
+
 def _import_cv2() -> Any:
+    quiet_native_logs()
     try:
         import cv2  # noqa: PLC0415 (lazy on purpose)
     except ImportError:
@@ -140,11 +157,55 @@ def opencv_capture(target: Union[int, str], backend: str = "any") -> Capture:
     }
     if backend not in apis:
         raise ValueError(f"unknown capture backend {backend!r}; expected one of {', '.join(apis)}")
+    timeouts = [getattr(cv2, name, None) for name in ("CAP_PROP_OPEN_TIMEOUT_MSEC", "CAP_PROP_READ_TIMEOUT_MSEC")]
+    if isinstance(target, str) and "://" in target and None not in timeouts:
+        try:  # a server that accepts and never answers must not block for FFmpeg's default (minutes)
+            return cv2.VideoCapture(target, apis[backend], [timeouts[0], OPEN_TIMEOUT_MS, timeouts[1], OPEN_TIMEOUT_MS])
+        except (TypeError, cv2.error):  # builds without the params overload
+            pass
     return cv2.VideoCapture(target, apis[backend])
+
+
+def call_interruptibly(fn: Callable[[], Any], timeout_s: float, what: str,
+                       dispose: Callable[[Any], None] = lambda _v: None) -> Any:
+    """``fn()`` in a daemon thread while this thread waits on an event (interruptibly), so Ctrl-C and SIGTERM act
+    at once even when ``fn`` blocks inside native code (OpenCV opening a stream that never answers). After
+    ``timeout_s`` it raises SourceError naming ``what``. A result that arrives after the caller gave up goes to
+    ``dispose``."""
+    lock = threading.Lock()
+    done = threading.Event()
+    state: dict = {"abandoned": False}
+
+    def work() -> None:
+        try:
+            value, error = fn(), None
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller)
+            value, error = None, exc
+        with lock:
+            state.update(value=value, error=error)
+            late = state["abandoned"]
+        done.set()
+        if late and value is not None:
+            dispose(value)
+
+    threading.Thread(target=work, name="edgeexit-open", daemon=True).start()
+    finished = False
+    try:
+        finished = done.wait(timeout_s)
+    finally:
+        with lock:
+            if not done.is_set():
+                state["abandoned"] = True
+    if not finished:
+        raise SourceError(f"cannot open {what}: no answer within {timeout_s:g} s")
+    if state["error"] is not None:
+        raise state["error"]
+    return state["value"]
 
 
 def opencv_has_gstreamer() -> bool:
     """True when the installed OpenCV was built with GStreamer (JetPack's is; the pip wheels are not)."""
+    quiet_native_logs()
     try:
         import cv2  # noqa: PLC0415
     except ImportError:
@@ -260,7 +321,8 @@ class Source:
     Attributes: ``uri``, ``kind`` ("image", "folder", "video", "camera", "csi", "rtsp"), ``is_live``,
     ``frames_total`` (frames this source will yield when known, for progress bars), ``fps`` (nominal, when known),
     ``classes`` (folder class names, or None), ``dropped`` (live frames dropped because the consumer fell
-    behind), ``skipped`` (unreadable files yielded with ``error``), ``ended_reason`` (why iteration ended).
+    behind), ``skipped`` (unreadable files yielded with ``error``), ``unknown_folders`` (``{sub-folder that is
+    no class of the model: images}``, left out when ``labelled``), ``ended_reason`` (why iteration ended).
 
     The capture thread starts on the first ``next()`` (or ``start()``). Use as a context manager, or call
     ``close()``, to stop it when the consumer stops early.
@@ -283,6 +345,8 @@ class Source:
         self.classes: Optional[Tuple[str, ...]] = None
         self.dropped = 0
         self.skipped = 0
+        self.unknown_folders: dict = {}  # sub-folders that are no class of the model -> their image count
+        self.labelled = False  # class sub-folders give labels (then unknown_folders were left out)
         self.ended_reason: Optional[str] = None
         self._buffer: collections.deque[Frame] = collections.deque()
         self._cond = threading.Condition()
@@ -504,6 +568,7 @@ class VideoSource(Source):
         super().__init__(uri, **kwargs)
         self.path = path
         self._factory = factory
+        self.lost = 0  # undecodable frames, skipped and counted
         self._cap: Any = self._open()
         if self._cap is None:
             raise SourceError(f"cannot open video {path} (unsupported codec or corrupt file?)")
@@ -545,30 +610,64 @@ class VideoSource(Source):
                     cap = self._open()
                     if cap is None:
                         raise SourceError(f"cannot reopen video {self.path}")
-                position = 0
-                last_time = -1.0
-                while not self._stop.is_set():
-                    ok, image = cap.read()
-                    if not ok or image is None:
-                        break
-                    seconds = self._position(cap, position, last_time)
-                    if seconds is not None:
-                        last_time = seconds
-                    yield Frame(index, _to_rgb(image), f"frame {index}", seconds, None, None)
-                    index += 1
-                    position += 1
+                position, lost = yield from self._decode_pass(cap, index)
+                index += position
                 _release(cap)
                 cap = None
                 if self._stop.is_set():
                     return
-                if position == 0:
-                    self.ended_reason = "no frames decoded" if index == 0 else "end of video"
+                if position == lost:
+                    self.ended_reason = "no frames decoded" if index == lost else self._end_text()
                     return
                 if not self.loop:
-                    self.ended_reason = "end of video"
+                    self.ended_reason = self._end_text()
                     return
         finally:
             _release(cap)
+
+    def _decode_pass(self, cap: Any, first_index: int) -> Iterator[Frame]:
+        """One pass over the video. An undecodable frame is yielded as a skipped frame (``error`` set) and
+        decoding goes on: the pass ends at a failure at or past the frame count, or after ``_MAX_DECODE_FAILURES``
+        failures in a row.
+        Failures after the last good frame are the end, not lost frames, unless the video's frame count says
+        those frames exist. Returns (frames passed, frames lost)."""
+        position = lost = pending = 0
+        last_time = -1.0
+        count = self.video_frames
+
+        def lost_frames(n: int) -> Iterator[Frame]:
+            nonlocal position, lost
+            for _ in range(n):
+                index = first_index + position
+                yield Frame(index, None, f"frame {index}", None, None, f"cannot decode frame {index}")
+                position += 1
+                lost += 1
+
+        while not self._stop.is_set():
+            ok, image = cap.read()
+            if not ok or image is None:
+                pending += 1
+                if count is not None and position + pending >= count:  # (a count that is too low: read on)
+                    yield from lost_frames(max(0, count - position))
+                    break
+                if pending >= _MAX_DECODE_FAILURES:
+                    if count is not None:
+                        yield from lost_frames(pending)
+                    break
+                continue
+            yield from lost_frames(pending)
+            pending = 0
+            seconds = self._position(cap, position, last_time)
+            if seconds is not None:
+                last_time = seconds
+            index = first_index + position
+            yield Frame(index, _to_rgb(image), f"frame {index}", seconds, None, None)
+            position += 1
+        self.lost += lost
+        return position, lost
+
+    def _end_text(self) -> str:
+        return "end of video" + (f" ({self.lost} undecodable frames skipped)" if self.lost else "")
 
     def _position(self, cap: Any, position: int, last_time: float) -> Optional[float]:
         """Seconds into the video: CAP_PROP_POS_MSEC when it is sane, else frame / fps."""
@@ -639,7 +738,7 @@ class LiveSource(Source):
     def _try_open(self) -> Any:
         for target, backend in self.candidates:
             try:
-                cap = self._factory(target, backend)
+                cap = call_interruptibly(lambda: self._factory(target, backend), _OPEN_WAIT_S, self.label, _release)
             except SourceError:
                 raise
             except Exception:  # noqa: BLE001 (a backend that throws counts as "cannot open")
@@ -714,35 +813,100 @@ class LiveSource(Source):
 # open_source
 
 
-def _scan_folder(root: Path, classes: Optional[Tuple[str, ...]]) -> Tuple[list[Path], list[Optional[int]], Optional[Tuple[str, ...]]]:
-    """Recursive image listing. Top-level sub-folders are classes (label order pinned by ``classes``; a folder
-    the model does not know gets label None); images directly in ``root`` have label None."""
-
-    def walk(folder: Path) -> list[Path]:
-        found: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and is_image_file(f)]
-        return found
-
+def _list_dir(folder: Path, seen_dirs: set, seen_files: set) -> Tuple[list[Path], list[Path]]:
+    """(sub-folders, image files) of ``folder``, sorted, hidden entries left out; ([], []) when ``folder`` was
+    listed before (a symlink back to a parent) or cannot be read. Each real file (device and inode, a symlink
+    followed) is listed once across calls."""
     try:
-        entries = sorted(root.iterdir(), key=lambda p: p.name)
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            return [], []
+        seen_dirs.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError:
+        return [], []
+    subdirs: list[Path] = []
+    files: list[Path] = []
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                subdirs.append(Path(entry.path))
+            elif entry.is_file() and is_image_file(entry.name):
+                target = entry.stat()  # follows a symlink to the real file
+                if (target.st_dev, target.st_ino) not in seen_files:
+                    seen_files.add((target.st_dev, target.st_ino))
+                    files.append(Path(entry.path))
+        except OSError:  # a dangling link, or an entry removed meanwhile
+            continue
+    return subdirs, files
+
+
+def _walk_images(folder: Path, seen_dirs: set, seen_files: set) -> list[Path]:
+    """Image files under ``folder`` in sorted depth-first order, following symlinks at most once per real
+    directory (so links to a parent cannot loop) and listing each real file once."""
+    found: list[Path] = []
+    stack = [folder]
+    while stack:
+        subdirs, files = _list_dir(stack.pop(), seen_dirs, seen_files)
+        found += files
+        stack.extend(reversed(subdirs))
+    return found
+
+
+def _scan_folder(root: Path, classes: Optional[Tuple[str, ...]]
+                 ) -> Tuple[list[Path], list[Optional[int]], Optional[Tuple[str, ...]], dict]:
+    """Recursive image listing (cycle-safe: see ``_walk_images``). Top-level sub-folders are classes (label order
+    pinned by ``classes``); images directly in ``root`` have label None. When ``classes`` is given and some
+    sub-folders are classes, the other sub-folders are left out; when none is, the tree is unlabelled (every
+    image, label None). Either way the unknown sub-folders come back as ``{folder: image count}`` to report."""
+    seen_dirs: set = set()
+    seen_files: set = set()
+    try:
+        os.scandir(root).close()
     except OSError as exc:
         raise SourceError(f"cannot list folder {root}: {exc.strerror or exc}") from None
-    top_files = [p for p in entries if p.is_file() and not p.name.startswith(".") and is_image_file(p)]
-    sub_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    per_class = [(d.name, walk(d)) for d in sub_dirs]
+    sub_dirs, top_files = _list_dir(root, seen_dirs, seen_files)
+    per_class = [(d.name, _walk_images(d, seen_dirs, seen_files)) for d in sub_dirs]
     per_class = [(name, files) for name, files in per_class if files]
     if not per_class:
-        return top_files, [None] * len(top_files), (tuple(classes) if classes else None)
+        return top_files, [None] * len(top_files), (tuple(classes) if classes else None), {}
     class_list = tuple(classes) if classes else tuple(name for name, _ in per_class)
     index = {name: i for i, name in enumerate(class_list)}
+    unknown = {name: len(found) for name, found in per_class if name not in index}
+    labelled = len(unknown) < len(per_class)
     files: list[Path] = list(top_files)
     labels: list[Optional[int]] = [None] * len(top_files)
     for name, class_files in per_class:
+        if labelled and name in unknown:
+            continue
         files += class_files
         labels += [index.get(name)] * len(class_files)
-    return files, labels, class_list
+    return files, labels, class_list, unknown
+
+
+def _probe_stream(uri: str, timeout_s: float = 5.0) -> None:
+    """Connect to the stream's host and port first, so a refused or unknown host is named in edgeexit's own line
+    (FFmpeg would say "Connection refused" on its own lines, which are silenced). A server that accepts is left
+    to OpenCV; a probe that cannot decide (timeout, bad URI) decides nothing."""
+    import socket  # noqa: PLC0415
+
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or (322 if parts.scheme.lower() == "rtsps" else 554)
+    except ValueError:
+        return
+    if not host:
+        return
+    try:
+        call_interruptibly(lambda: socket.create_connection((host, port), timeout=timeout_s).close(),
+                           timeout_s + 1.0, f"stream {_redact(uri)}")
+    except ConnectionRefusedError:
+        raise SourceError(f"cannot open stream {_redact(uri)}: connection refused by {host}:{port}") from None
+    except socket.gaierror as exc:
+        raise SourceError(f"cannot open stream {_redact(uri)}: unknown host {host} ({exc.strerror})") from None
+    except (OSError, SourceError):
+        return
 
 
 def _camera_device(text: str) -> Optional[Tuple[Union[int, str], str]]:
@@ -811,6 +975,8 @@ def open_source(
         if opencv_has_gstreamer():  # try GStreamer first (hardware decode on Jetson), then FFMPEG
             candidates.append((rtsp_pipeline(uri), "gstreamer"))
         candidates.append((uri, "ffmpeg"))
+        if capture_factory is None:  # a real network stream (an injected capture may fake the host)
+            _probe_stream(uri)
         return LiveSource(uri, kind="rtsp", label=f"stream {_redact(uri)}", candidates=candidates, **common, **live)
 
     # files
@@ -827,10 +993,16 @@ def open_source(
     path = Path(uri_path).expanduser()
     files_kwargs = dict(loop=loop, **common)
     if path.is_dir():
-        files, labels, class_list = _scan_folder(path, classes)
+        files, labels, class_list, unknown = _scan_folder(path, classes)
         if not files:
+            if unknown:
+                raise SourceError(f"no images in folder {path} in class folders the model knows (it has "
+                                  f"{', '.join(sorted(unknown)[:5])})")
             raise SourceError(f"no images in folder {path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        return ImageFilesSource(uri, path, files, labels, kind="folder", classes=class_list, **files_kwargs)
+        source = ImageFilesSource(uri, path, files, labels, kind="folder", classes=class_list, **files_kwargs)
+        source.unknown_folders = unknown
+        source.labelled = any(label is not None for label in labels)
+        return source
     if not path.exists():
         raise SourceError(f"input not found: {path}")
     if not path.is_file():
