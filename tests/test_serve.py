@@ -147,6 +147,19 @@ def test_serve_errors_are_one_line(monkeypatch):
         server.serve_command(str(BUNDLE))
 
 
+def test_a_port_in_use_is_named_before_triton_starts():
+    import socket
+
+    from edgeexit.serve.server import ServeError, check_ports_free
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ServeError, match=f"127.0.0.1:{port} \\(--grpc-port\\)"):
+            check_ports_free("127.0.0.1", {"--http-port": 0, "--grpc-port": port})
+
+
 # --- a real server ----------------------------------------------------------------------------------------------
 
 

@@ -97,6 +97,19 @@ def check_python(pytriton_root: Path) -> None:
             f"serve-venv && serve-venv/bin/pip install 'edgeexit[serve]'")
 
 
+def check_ports_free(host: str, ports: Dict[str, int]) -> None:
+    """Raise ServeError naming the first port something else listens on (Triton would only time out)."""
+    import socket  # noqa: PLC0415
+
+    for option, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ServeError(f"cannot listen on {host}:{port} ({option}): {exc.strerror or exc}") from None
+
+
 def _stats_logger(counters: Dict[str, ExitCounters], interval: float, stop: threading.Event,
                   emit: Callable[[str], None]) -> threading.Thread:
     def log_once(final: bool = False) -> None:
@@ -153,6 +166,7 @@ def serve_command(
         raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
     pytriton = _import_pytriton()
     check_python(Path(pytriton.__file__).parent)
+    check_ports_free(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor  # noqa: PLC0415
     from pytriton.triton import Triton, TritonConfig  # noqa: PLC0415
 
