@@ -110,22 +110,33 @@ def check_ports_free(host: str, ports: Dict[str, int]) -> None:
                 raise ServeError(f"cannot listen on {host}:{port} ({option}): {exc.strerror or exc}") from None
 
 
-def _stats_logger(counters: Dict[str, ExitCounters], interval: float, stop: threading.Event,
-                  emit: Callable[[str], None]) -> threading.Thread:
-    def log_once(final: bool = False) -> None:
-        for name, c in counters.items():
-            emit(json.dumps({"edgeexit_serve_stats": name, "final": final, "time": round(time.time(), 3),
-                             **c.snapshot()}))
+class StatsLogger:
+    """Logs every model's ExitCounters as one JSON line per model, every ``interval`` seconds (a daemon thread;
+    none when ``interval`` <= 0) and once more, marked final, on ``stop()``."""
 
-    def loop() -> None:
-        while not stop.wait(interval):
-            log_once()
+    def __init__(self, counters: Dict[str, ExitCounters], interval: float, emit: Callable[[str], None]):
+        self.counters, self.interval, self.emit = counters, float(interval), emit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="edgeexit-serve-stats", daemon=True)
 
-    thread = threading.Thread(target=loop, name="edgeexit-serve-stats", daemon=True)
-    thread.log_once = log_once  # type: ignore[attr-defined]
-    if interval > 0:
-        thread.start()
-    return thread
+    def start(self) -> None:
+        if self.interval > 0:
+            self._thread.start()
+
+    def log(self, final: bool = False) -> None:
+        for name, counters in self.counters.items():
+            self.emit(json.dumps({"edgeexit_serve_stats": name, "final": final, "time": round(time.time(), 3),
+                                  **counters.snapshot()}))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.log(final=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.log()
 
 
 def serve_command(
@@ -206,8 +217,8 @@ def serve_command(
         inputs = [Tensor(name=IMAGE_INPUT, dtype=np.bytes_, shape=(1,), optional=True),
                   Tensor(name=FRAME_INPUT, dtype=np.uint8, shape=(-1, -1, channels), optional=True)]
         outputs = [Tensor(name=n, dtype=(np.bytes_ if dt is np.object_ else dt), shape=(1,)) for n, dt in OUTPUTS]
-        stop = threading.Event()
-        stats = _stats_logger(counters, stats_interval, stop, info)
+        stats = StatsLogger(counters, stats_interval, info)
+        stats.start()
         previous = _on_sigterm_interrupt()
         try:
             with Triton(config=config) as triton:
@@ -222,9 +233,9 @@ def serve_command(
         except KeyboardInterrupt:  # a signal during start-up or binding
             pass
         finally:
-            signal.signal(signal.SIGTERM, previous) if previous is not None else None
-            stop.set()
-            stats.log_once(final=True)  # type: ignore[attr-defined]
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            stats.stop()
         info("edgeexit serve: stopped")
         return 0
     finally:
