@@ -132,7 +132,6 @@ class ServeModel:
         self.runner = runner
         self.counters = counters
         self.channels = int(runner.prepare([np.zeros((1, 1, 3), dtype=np.uint8)]).shape[1])
-        self.classes = tuple(runner.classes)
 
     def __call__(self, requests: Sequence[Mapping[str, np.ndarray]]) -> List[Dict[str, np.ndarray]]:
         inputs: List[Optional[np.ndarray]] = []

@@ -30,7 +30,7 @@ import sysconfig
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -97,6 +97,19 @@ def check_python(pytriton_root: Path) -> None:
             f"serve-venv && serve-venv/bin/pip install 'edgeexit[serve]'")
 
 
+def check_options(minimums: Dict[str, Tuple[int, int]], ports: Dict[str, int]) -> None:
+    """ValueError for an option below its minimum (``{option: (value, minimum)}``), a port outside 1-65535 or two
+    equal ports."""
+    for option, (value, low) in minimums.items():
+        if value < low:
+            raise ValueError(f"{option} must be >= {low}, got {value}")
+    for option, port in ports.items():
+        if not 0 < port < 65536:
+            raise ValueError(f"{option} must be a port number (1-65535), got {port}")
+    if len(set(ports.values())) != len(ports):
+        raise ValueError(f"{', '.join(ports)} must differ")
+
+
 def check_ports_free(host: str, ports: Dict[str, int]) -> None:
     """Raise ServeError naming the first port something else listens on (Triton would only time out)."""
     import socket  # noqa: PLC0415
@@ -139,6 +152,37 @@ class StatsLogger:
             self.log()
 
 
+def load_models(bundle_path: str, base: str, instances: int, backends: List[Any], *, gate: Optional[str],
+                backend: str, providers: Optional[str], threads: Optional[int], max_batch: int
+                ) -> Tuple[Dict[str, List[ServeModel]], Dict[str, ExitCounters]]:
+    """``instances`` warmed-up ServeModels for ``base`` (adaptive) and ``base_full`` (plain network), each with a
+    backend of its own (appended to ``backends`` as it is opened, for the caller to close), and one ExitCounters
+    per model whose reference cost is the plain network's MACs."""
+    from ..runtime.backends import open_backend  # noqa: PLC0415
+    from ..runtime.bundle import load_bundle  # noqa: PLC0415
+    from ..runtime.chain import ExitRunner  # noqa: PLC0415
+
+    bundle = load_bundle(bundle_path)
+    models: Dict[str, List[ServeModel]] = {}
+    counters: Dict[str, ExitCounters] = {}
+    reference_macs = None
+    for full in (False, True):
+        key = f"{base}_full" if full else base
+        models[key] = []
+        for _ in range(instances):
+            engines = open_backend(bundle, backend, providers=providers, threads=threads, max_batch=max_batch)
+            backends.append(engines)
+            runner = ExitRunner(bundle, engines, gate=gate, full=full)
+            model = ServeModel(runner, counters.setdefault(key, ExitCounters(runner.num_exits)))
+            warm = runner.run_batch(runner.prepare([np.zeros((64, 64, model.channels), dtype=np.uint8)]))
+            if full:  # a plain-network decision's MACs are the reference of mean_cost
+                reference_macs = int(warm[0].to_dict()["macs"])
+            models[key].append(model)
+    for c in counters.values():
+        c.reference_macs = reference_macs
+    return models, counters
+
+
 def serve_command(
     bundle_path: str,
     *,
@@ -166,47 +210,20 @@ def serve_command(
     def info(message: str) -> None:
         print(message, file=stderr, flush=True)
 
-    for option, value, low in (("--max-batch", max_batch, 1), ("--instances", instances, 1),
-                               ("--queue-delay-us", queue_delay_us, 0), ("--drain-timeout", drain_timeout, 0)):
-        if value < low:
-            raise ValueError(f"{option} must be >= {low}, got {value}")
-    for option, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
-        if not 0 < port < 65536:
-            raise ValueError(f"{option} must be a port number (1-65535), got {port}")
-    if len({http_port, grpc_port, metrics_port}) != 3:
-        raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
+    ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+    check_options({"--max-batch": (max_batch, 1), "--instances": (instances, 1),
+                   "--queue-delay-us": (queue_delay_us, 0), "--drain-timeout": (drain_timeout, 0)}, ports)
     pytriton = _import_pytriton()
     check_python(Path(pytriton.__file__).parent)
-    check_ports_free(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
+    check_ports_free(host, ports)
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor  # noqa: PLC0415
     from pytriton.triton import Triton, TritonConfig  # noqa: PLC0415
 
-    from ..runtime.backends import open_backend  # noqa: PLC0415
-    from ..runtime.bundle import load_bundle  # noqa: PLC0415
-    from ..runtime.chain import ExitRunner  # noqa: PLC0415
-
     base = model_name(bundle_path, name)
-    bundle = load_bundle(bundle_path)
     backends: List[Any] = []
-    models: Dict[str, List[ServeModel]] = {}
-    counters: Dict[str, ExitCounters] = {}
     try:
-        for full in (False, True):
-            key = f"{base}_full" if full else base
-            instances_of: List[ServeModel] = []
-            for _ in range(instances):
-                engines = open_backend(bundle, backend, providers=providers, threads=threads, max_batch=max_batch)
-                backends.append(engines)
-                runner = ExitRunner(bundle, engines, gate=gate, full=full)
-                counters.setdefault(key, ExitCounters(runner.num_exits))
-                model = ServeModel(runner, counters[key])
-                warm = runner.run_batch(runner.prepare([np.zeros((64, 64, model.channels), dtype=np.uint8)]))
-                if full:
-                    reference_macs = int(warm[0].to_dict()["macs"])
-                instances_of.append(model)
-            models[key] = instances_of
-        for c in counters.values():
-            c.reference_macs = reference_macs
+        models, counters = load_models(bundle_path, base, instances, backends, gate=gate, backend=backend,
+                                       providers=providers, threads=threads, max_batch=max_batch)
         channels = models[base][0].channels
         info(f"edgeexit serve: bundle {bundle_path}: models {base!r} (adaptive) and {base}_full (plain network), "
              f"{instances} instance(s) each, max batch {max_batch}, queue delay {queue_delay_us} us; "
