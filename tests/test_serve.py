@@ -299,11 +299,11 @@ def test_health_metrics_and_edgeexit_counters(server, frames):
 
 @pytest.mark.slow
 def test_sigterm_answers_requests_in_flight_then_stops(serve_python, tmp_path, frames, expected):
-    """Requests held in Triton's queue (a 3 s batching delay) when SIGTERM arrives are still answered."""
+    """Requests held in Triton's queue (an 8 s batching delay) when SIGTERM arrives are still answered."""
     from edgeexit.serve.launch import start_server
 
     srv = start_server(serve_python, BUNDLE, tmp_path / "server.log",
-                       ["--max-batch", "16", "--queue-delay-us", "3000000", "--drain-timeout", "20"])
+                       ["--max-batch", "16", "--queue-delay-us", "8000000", "--drain-timeout", "20"])
     try:
         srv.wait_ready()
         out, errors = {}, []
