@@ -316,6 +316,52 @@ def run(
 
 
 @app.command()
+def serve(
+    bundle: str = typer.Argument(..., help="Bundle directory from edgeexit export (e.g. edgeexit/assets/demo/bundle)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Triton model name [default: the bundle directory's "
+                                       "name]; <name>_full serves the plain network."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    http_port: int = typer.Option(8000, "--http-port", help="HTTP/REST port (KServe v2: /v2/health/ready, "
+                                  "/v2/models/<name>/infer)."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port."),
+    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics port (/metrics)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Largest batch Triton's dynamic batcher forms "
+                                  "(frames, over all requests)."),
+    queue_delay_us: int = typer.Option(1000, "--queue-delay-us", min=0, help="How long the batcher may hold a "
+                                       "request to fill a batch, in microseconds."),
+    instances: int = typer.Option(1, "--instances", min=1, help="Model instances (each with its own engines) "
+                                  "running batches in parallel."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="Another calibrated gate of the bundle (as run)."),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt."),
+    providers: Optional[str] = typer.Option(None, "--providers", help="ONNX Runtime providers in order, e.g. "
+                                            "tensorrt,cuda,cpu (default: the best available)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads per ONNX Runtime session."),
+    stats_interval: float = typer.Option(60.0, "--stats-interval", help="Log edgeexit's per-exit counters and mean "
+                                         "cost as a JSON line on stderr every this many seconds (0: only at the end)."),
+    drain_timeout: int = typer.Option(30, "--drain-timeout", min=0, help="On SIGTERM/Ctrl-C, wait this many "
+                                      "seconds for in-flight requests."),
+) -> None:
+    """Serve a bundle to many cameras: Triton Inference Server (via PyTriton) with models <name> (early exit) and
+    <name>_full (plain network), dynamic batching, health and Prometheus metrics. Needs 'edgeexit[serve]' in a
+    venv of the system's Python (see the README). Stops, after draining, on SIGTERM or Ctrl-C."""
+    from .runtime.backends import BackendError
+    from .runtime.bundle import BundleError
+    from .serve.server import ServeError, serve_command
+
+    try:
+        code = serve_command(bundle, name=name, host=host, http_port=http_port, grpc_port=grpc_port,
+                             metrics_port=metrics_port, max_batch=max_batch, queue_delay_us=queue_delay_us,
+                             instances=instances, gate=gate, backend=backend, providers=providers, threads=threads,
+                             stats_interval=stats_interval, drain_timeout=drain_timeout)
+    except (ServeError, BundleError, BackendError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

@@ -138,6 +138,23 @@ def load_image(path: Path | str, channels: int = 3, max_pixels: int | None = Non
         raise ImageError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
 
 
+def decode_image(data: bytes, channels: int = 3) -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, BMP, WebP bytes) to uint8 HxWxC, as :func:`load_image` reads a file.
+
+    Raises ImageError for anything that is not a decodable image (empty, truncated, another format).
+    """
+    import io  # noqa: PLC0415
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            img.load()
+            img = img.convert("RGB" if channels == 3 else "L")
+            array = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot decode image ({len(data)} bytes): {exc.__class__.__name__}: {exc}") from None
+    return array if array.ndim == 3 else array[:, :, None]
+
+
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """Convert a uint8 HxW, HxWx1, HxWx3 or HxWx4 array to HxWx``channels`` (RGB order).
 
