@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgeexit.runtime.backends import open_backend  # noqa: E402
 from edgeexit.runtime.bundle import load_bundle  # noqa: E402
-from edgeexit.runtime.chain import ExitRunner, run_source  # noqa: E402
+from edgeexit.runtime.chain import StageRunner, run_source  # noqa: E402
 from edgeexit.runtime.outputs import JsonlWriter, frame_record  # noqa: E402
 from edgeexit.runtime.sources import Frame, open_source  # noqa: E402
 from edgeexit.runtime.summary import RunStats  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     bundle = load_bundle(args.bundle)
     backend = open_backend(bundle, args.backend, providers=args.providers, threads=args.threads,
                            max_batch=args.batch)
-    runner = ExitRunner(bundle, backend, threshold=args.threshold, keep_cam=True)
+    runner = StageRunner(bundle, backend, threshold=args.threshold, keep_cam=True)
     stats = RunStats(runner.num_exits, [runner.exit_fraction(i) for i in range(runner.num_exits)])
     sink = open(os.devnull, "w")
     writer = JsonlWriter(stream=sink)

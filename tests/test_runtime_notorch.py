@@ -13,7 +13,7 @@ import pytest
 
 from edgeexit.runtime.backends import OrtBackend
 from edgeexit.runtime.bundle import load_bundle
-from edgeexit.runtime.chain import ExitRunner
+from edgeexit.runtime.chain import StageRunner
 from edgeexit.runtime.backends import open_backend
 
 from .test_runtime import bundle_path_for
@@ -53,7 +53,7 @@ def test_runtime_chain_without_torch(bundle_dir, tiny_folder, tmp_path):
             importlib.import_module("edgeexit.runtime." + name)
         bundle = rt.load_bundle(sys.argv[1])
         backend = rt.open_backend(bundle, "auto")
-        runner = rt.ExitRunner(bundle, backend, threshold=0.36, keep_cam=True)
+        runner = rt.StageRunner(bundle, backend, threshold=0.36, keep_cam=True)
         paths = sorted(Path(sys.argv[2]).glob("*/*.png"))
         images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
         decisions = runner.run_images(images)
@@ -77,7 +77,7 @@ def test_runtime_chain_without_torch(bundle_dir, tiny_folder, tmp_path):
     bundle = load_bundle(bundle_dir)
     backend = open_backend(bundle, "onnxruntime", providers="cpu")
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(tiny_folder.glob("*/*.png"))]
-    want = ExitRunner(bundle, backend, threshold=0.36).run_images(images)
+    want = StageRunner(bundle, backend, threshold=0.36).run_images(images)
     got = result["decisions"]
     assert [g[:2] for g in got] == [[d.class_id, d.exit] for d in want]
     np.testing.assert_allclose([g[2] for g in got], [d.confidence for d in want], atol=1e-6)

@@ -25,7 +25,7 @@ from PIL import Image
 from edgeexit.imageio import load_image
 from edgeexit.runtime.backends import open_backend
 from edgeexit.runtime.bundle import load_bundle
-from edgeexit.runtime.chain import ExitRunner
+from edgeexit.runtime.chain import StageRunner
 from edgeexit.serve.model import ExitCounters, ServeModel, response_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def local_decisions(frames: list, full: bool) -> list:
     """The local runtime's decisions, one frame per batch (what a camera running `edgeexit run` gets)."""
     bundle = load_bundle(BUNDLE)
     with open_backend(bundle, "onnxruntime", max_batch=1) as backend:
-        runner = ExitRunner(bundle, backend, full=full)
+        runner = StageRunner(bundle, backend, full=full)
         return [runner.run_batch(runner.prepare([f]))[0].to_dict() for f in frames]
 
 
@@ -79,7 +79,7 @@ def expected(frames) -> dict:
 def test_callable_batches_requests_and_answers_bad_ones_in_band(frames, expected):
     bundle = load_bundle(BUNDLE)
     with open_backend(bundle, "onnxruntime", max_batch=32) as backend:
-        runner = ExitRunner(bundle, backend)
+        runner = StageRunner(bundle, backend)
         counters = ExitCounters(runner.num_exits, reference_macs=40813184)
         model = ServeModel(runner, counters)
         image = np.empty((2, 1), dtype=np.object_)

@@ -27,7 +27,7 @@ _LAZY = {
     "open_backend": "backends", "resolve_providers": "backends",
     "TensorRTBackend": "tensorrt_backend",
     "Bundle": "bundle", "BundleError": "bundle", "load_bundle": "bundle",
-    "Decision": "chain", "ExitRunner": "chain", "StageRunner": "chain", "RunOptions": "commands",
+    "Decision": "chain", "StageRunner": "chain", "RunOptions": "commands",
     "run_command": "commands", "Pipeline": "bundle", "Buffer": "engine", "parse_thresholds": "chain", "run_source": "chain",
     "Frame": "sources", "Source": "sources", "SourceError": "sources", "open_source": "sources",
     "RunStats": "summary",

@@ -34,7 +34,7 @@ from ..policy import ExitPolicy
 from ..preprocess import Preprocess
 from .engine import Backend, Buffer
 
-__all__ = ["Decision", "StageRunner", "ExitRunner", "bind_stages", "parse_thresholds", "run_source"]
+__all__ = ["Decision", "StageRunner", "bind_stages", "parse_thresholds", "run_source"]
 
 
 @dataclass
@@ -417,15 +417,13 @@ def bind_stages(backend: Backend, engines: Sequence[Any], files: Sequence[Any], 
     return first, calls, outs_per_stage
 
 
-ExitRunner = StageRunner  # the name earlier releases used
-
 
 # --------------------------------------------------------------------------------------------------------------
 # frames from a source -> decisions
 
 
 def run_source(
-    runner: ExitRunner,
+    runner: StageRunner,
     frames: Any,
     batch_size: int = 1,
     on_decision: Optional[Any] = None,

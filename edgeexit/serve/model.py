@@ -6,7 +6,7 @@ One Triton request carries B frames in exactly one of two inputs:
 - ``frame``: UINT8 (B, H, W, C), raw frames with the bundle's channel count (C = 3: RGB).
 
 Triton's dynamic batcher hands the callable several requests at once; their frames are preprocessed per request,
-stacked into one batch and run by :meth:`ExitRunner.run_batch` (early exit with compaction inside the batch), then
+stacked into one batch and run by :meth:`StageRunner.run_batch` (early exit with compaction inside the batch), then
 split back per request. Every output is (B, 1), one row per frame, named as the fields of ``Decision.to_dict()``:
 ``class_id``, ``label``, ``confidence``, ``exit``, ``gate_score`` (NaN where the decision has none),
 ``latency_ms`` (the frame's share of the batch's inference time on the server), ``macs`` and ``failed``
@@ -124,7 +124,7 @@ class ServeModel:
     """The inference callable of one Triton model instance: ``model(requests) -> responses`` (PyTriton's
     list-of-requests interface: each request and each response maps a tensor name to an array).
 
-    ``runner``: an ExitRunner of its own (one per instance, since backends are not shared between threads);
+    ``runner``: an StageRunner of its own (one per instance, since backends are not shared between threads);
     ``counters``: shared by the instances of one model.
     """
 

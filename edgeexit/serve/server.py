@@ -160,7 +160,7 @@ def load_models(bundle_path: str, base: str, instances: int, backends: List[Any]
     per model whose reference cost is the plain network's MACs."""
     from ..runtime.backends import open_backend  # noqa: PLC0415
     from ..runtime.bundle import load_bundle  # noqa: PLC0415
-    from ..runtime.chain import ExitRunner  # noqa: PLC0415
+    from ..runtime.chain import StageRunner  # noqa: PLC0415
 
     bundle = load_bundle(bundle_path)
     models: Dict[str, List[ServeModel]] = {}
@@ -172,7 +172,7 @@ def load_models(bundle_path: str, base: str, instances: int, backends: List[Any]
         for _ in range(instances):
             engines = open_backend(bundle, backend, providers=providers, threads=threads, max_batch=max_batch)
             backends.append(engines)
-            runner = ExitRunner(bundle, engines, gate=gate, full=full)
+            runner = StageRunner(bundle, engines, gate=gate, full=full)
             model = ServeModel(runner, counters.setdefault(key, ExitCounters(runner.num_exits)))
             warm = runner.run_batch(runner.prepare([np.zeros((64, 64, model.channels), dtype=np.uint8)]))
             if full:  # a plain-network decision's MACs are the reference of mean_cost
