@@ -47,6 +47,7 @@ __all__ = [
     "map_ssim",
     "exit_signals",
     "patience_counts",
+    "kept_patience",
     "next_patience",
     "gate_features",
     "gate_score",
@@ -409,6 +410,19 @@ def patience_counts(classes: np.ndarray) -> np.ndarray:
     for i in range(1, c.shape[1]):
         counts[:, i] = np.where(c[:, i] == c[:, i - 1], counts[:, i - 1] + 1, 1)
     return counts
+
+
+def kept_patience(classes: np.ndarray, kept: Sequence[int]) -> np.ndarray:
+    """Patience along a chain that keeps only some exits, int64 (B, E): ``patience_counts`` of the kept exits'
+    columns (``kept``: sorted exit indices, the last exit included), 0 at the exits that are not kept.
+    Example: classes ``[3, 1, 3, 3]``, kept ``(0, 2, 3)`` -> ``[1, 0, 2, 3]`` (exit 1 is skipped)."""
+    c = np.asarray(classes)
+    if c.ndim != 2:
+        raise ValueError(f"classes must be (B, E), got shape {c.shape}")
+    idx = [int(k) for k in kept]
+    out = np.zeros(c.shape, dtype=np.int64)
+    out[:, idx] = patience_counts(c[:, idx])
+    return out
 
 
 def next_patience(
