@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -76,28 +77,38 @@ def test_exit_outputs_record(cal_outputs):
 # ----------------------------------------------------------------------------------------------------------------
 def test_calibration_meets_target_on_its_split(cal_outputs):
     model, _, out = cal_outputs
-    costs = model_costs(model)
+    costs = model_costs(model, stage_overhead=0)  # free calls: the tiny model's exits are worth keeping
     res = calibrate_outputs(out, costs, max_drop=1.0)
     cal = res.calibration
     target = cal["target"]["accuracy"]
     assert target == pytest.approx(out.exit_accuracy()[-1] - 0.01)
     assert set(cal["gates"]) == set(G.GATE_NAMES)
-    signals, classes, correct = out.signals(cal["temperatures"]), out.classes, out.correct
-    frac = costs.fraction
+    assert cal["subset_search"]["subsets"] == 2 ** (out.num_exits - 1)
+    classes, correct = out.classes, out.correct
     for gate, g in cal["gates"].items():
         pol = ExitPolicy.from_dict(g["policy"])
         assert pol.gate == gate and pol.temperatures == cal["temperatures"] and pol.learned is not None
+        assert list(pol.kept_internal) == g["exits"] == pol.exits
+        assert all(pol.learned[i] is not None for i in pol.kept_internal)
+        assert all(pol.thresholds[i] == math.inf for i in range(out.num_exits - 1) if i not in pol.kept_internal)
         assert g["signs"] == pol.signs and all(s in (1.0, -1.0) for s in pol.signs)
         assert len(g["path"]) == len(g["path_thresholds"]) >= 1
+        kept = list(pol.kept)
+        chain_cost = costs.fractions(pol.exits)
         if gate == "learned":  # cross-fitted: the thresholds were searched on out-of-fold scores
             assert g["cross_fitted"]
-            _, acc, cost = simulate(res.oriented[gate], correct, frac, pol.thresholds)
-        else:  # re-simulate the stored policy exactly as the runtime applies it
-            ex = pol.decide(signals, classes)
-            acc, cost = correct[np.arange(len(out)), ex].mean(), frac[ex].mean()
+            _, acc, cost = simulate(res.oriented[gate], correct[:, kept], chain_cost,
+                                    [pol.thresholds[i] for i in pol.kept_internal])
+        else:  # re-simulate the stored policy exactly as the runtime applies it, on its own stages
+            ex = pol.decide(out.signals(pol.temperatures, pol.exits), classes)
+            acc, cost = correct[np.arange(len(out)), ex].mean(), costs.exit_vector(pol.exits)[ex].mean()
             assert g["histogram"] == np.bincount(ex, minlength=out.num_exits).tolist()
         assert acc == pytest.approx(g["accuracy"]) and cost == pytest.approx(g["mean_cost"])
         assert acc >= target - 1e-9, gate  # the full-depth point always qualifies, so every gate meets it
+        # the gate's subset is the cheapest of every subset tried that meets the target
+        tried = g["subsets"]
+        assert len(tried) == cal["subset_search"]["subsets"]
+        assert g["mean_cost"] == pytest.approx(min(t["mean_cost"] for t in tried if t["meets_target"]))
     winner = cal["gates"][cal["winner"]]
     assert res.policy == winner["policy"]
     assert winner["mean_cost"] == min(g["mean_cost"] for g in cal["gates"].values() if g["meets_target"])
@@ -105,7 +116,7 @@ def test_calibration_meets_target_on_its_split(cal_outputs):
 
 def test_budget_target_and_gate_subset(cal_outputs):
     model, _, out = cal_outputs
-    res = calibrate_outputs(out, model_costs(model), budget=0.5, gate_names=["max_prob", "sal_entropy"])
+    res = calibrate_outputs(out, model_costs(model, stage_overhead=0), budget=0.5, gate_names=["max_prob", "sal_entropy"])
     cal = res.calibration
     assert list(cal["gates"]) == ["max_prob", "sal_entropy"] and cal["target"]["kind"] == "budget"
     for g in cal["gates"].values():
