@@ -254,3 +254,65 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
     bad = costs_json(tmp_path / "c.json", [1, 1], [1, 1])
     assert "exits" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--costs", str(bad)]))
     assert "--costs" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--cost-metric", "energy_mj"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kept exits through the command
+# ----------------------------------------------------------------------------------------------------------------
+def test_cli_writes_every_gates_exits(tiny_ckpt, tmp_path):
+    out = tmp_path / "cal.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--stage-overhead", "0", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "exits" in result.stdout and "searched 8 exit subset(s) x 9 gate(s)" in result.stderr
+    ckpt = load_checkpoint(out)
+    cal = ckpt["calibration"]
+    assert cal["costs"]["boundary"] == 0.0 and cal["subset_search"]["subsets"] == 8
+    for gate, g in cal["gates"].items():
+        pol = ExitPolicy.from_dict(json.loads(json.dumps(g["policy"])))  # as the manifest will carry it
+        assert pol.exits == g["exits"] and pol.gate == gate
+    winner = ExitPolicy.from_dict(ckpt["policy"])
+    assert winner.exits == cal["gates"][cal["winner"]]["exits"]
+    assert f"(exits {','.join(map(str, winner.exits)) or 'none'})" in result.stdout
+
+
+def test_cli_forces_exits_and_prices_calls(tiny_ckpt, tmp_path):
+    forced = tmp_path / "forced.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--exits", "1", "--gates", "margin,patience",
+                                 "--out", str(forced), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cal = load_checkpoint(forced)["calibration"]
+    assert all(g["exits"] == [1] for g in cal["gates"].values())
+    assert all(ExitPolicy.from_dict(g["policy"]).kept == (1, 3) for g in cal["gates"].values())
+    plain = tmp_path / "plain.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--exits", "none", "--gates", "margin",
+                                 "--out", str(plain), "--quiet"])
+    assert result.exit_code == 0, result.output
+    g = load_checkpoint(plain)["calibration"]["gates"]["margin"]
+    assert g["exits"] == [] and g["mean_cost"] == pytest.approx(1.0)
+    # a call that costs far more than the tiny network: a second stage never pays, so a kept exit must take
+    # every image (one call, cheaper compute) or the plain network wins
+    dear = tmp_path / "dear.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--stage-overhead", "1e9", "--gates", "max_prob",
+                                 "--out", str(dear), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cal = load_checkpoint(dear)["calibration"]
+    g = cal["gates"]["max_prob"]
+    assert cal["costs"]["boundary"] == 1e9 and g["mean_cost"] <= 1.0
+    assert g["exits"] == [] or (len(g["exits"]) == 1 and g["histogram"][-1] == 0)
+
+
+def test_cli_exit_selection_errors_are_one_line(tiny_ckpt, tmp_path):
+    def err(*args):
+        return one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), *args]))
+
+    assert "not an internal exit" in err("--exits", "3")
+    assert "--exits needs" in err("--exits", "one,two")
+    assert "not both" in err("--exits", "1", "--max-kept", "1")
+    assert "--max-kept must be >= 0" in err("--max-kept", "-1")
+    assert "--stage-overhead" in err("--stage-overhead", "-5")
+    v1 = costs_json(tmp_path / "c.json", [1, 1, 1, 1], [0, 0, 0, 1])
+    assert "--stage-overhead" in err("--costs", str(v1), "--stage-overhead", "100")
+    bad = tmp_path / "v2.json"
+    bad.write_text(json.dumps({"schema": "edgeexit-costs/2", "metric": "latency_ms", "segments": [1, 1, 1, 1],
+                               "heads": [0, 0, 0, 1]}))
+    assert "boundary" in err("--costs", str(bad))
