@@ -707,10 +707,12 @@ def exits_text(exits: Optional[Sequence[int]]) -> str:
     return ",".join(str(int(k)) for k in exits) or "none"
 
 
-def histogram_text(hist: Sequence[int]) -> str:
-    """Share of samples per exit in percent, e.g. ``"62 18 5 15"``."""
+def histogram_text(hist: Sequence[int], exits: Optional[Sequence[int]] = None) -> str:
+    """Share of samples per exit in percent, e.g. ``"62 18 5 15"``; ``-`` at the exits a chain that keeps the
+    internal ``exits`` does not have (None: every exit is kept)."""
     total = max(1, sum(hist))
-    return " ".join(f"{round(100 * h / total):d}" for h in hist)
+    kept = stages.kept_exits(exits, len(hist))
+    return " ".join(f"{round(100 * h / total):d}" if i in kept else "-" for i, h in enumerate(hist))
 
 
 def print_calibration(cal: Dict[str, Any], console=None) -> None:
@@ -741,7 +743,8 @@ def print_calibration(cal: Dict[str, Any], console=None) -> None:
         won = name == cal["winner"]
         style = "bold green" if won else (None if g["meets_target"] else "dim")
         table.add_row(
-            name, exits_text(g.get("exits")), _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:+.1f}", histogram_text(g["histogram"]),
+            name, exits_text(g.get("exits")), _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:+.1f}",
+            histogram_text(g["histogram"], g.get("exits")),
             "-" if not math.isfinite(g["mean_auroc"]) else f"{g['mean_auroc']:.3f}",
             g["direction"], "*" if won else ("" if g["meets_target"] else "x"),
             style=style,

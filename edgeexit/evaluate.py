@@ -354,7 +354,8 @@ def print_report(report: Dict[str, Any], console=None) -> None:
         c = g.get("calibrated") or {}
         gates.add_row(name, exits_text(g.get("exits")), _pct(g["mean_cost"]), _pct(g["accuracy"]),
                       f"{_pct(c.get('accuracy'))}/{_pct(c.get('mean_cost'), 0)}", _num(g["auc"]), _num(g["mean_auroc"]),
-                      histogram_text(g["histogram"]), "*" if won else "", style="bold green" if won else None)
+                      histogram_text(g["histogram"], g.get("exits")), "*" if won else "",
+                      style="bold green" if won else None)
     console.print(gates)
 
     cmp_ = report["comparison"]
