@@ -368,8 +368,12 @@ def print_report(report: Dict[str, Any], console=None) -> None:
 
     if report.get("corruptions"):
         names = list(report["gates"])
-        shown = [report["winner"]] + [g for g in ("max_prob", "sal_entropy", "coh_cosine", "learned")
-                                      if g in names and g != report["winner"]]
+        from .gates import GATES
+
+        first_of_family = {}  # one gate per family (the registry's first), besides the winner
+        for g in names:
+            first_of_family.setdefault(GATES[g].family if g in GATES else g, g)
+        shown = [report["winner"]] + [g for g in first_of_family.values() if g != report["winner"]]
         table = Table(title="Under corruption, clean-calibrated thresholds: accuracy % / mean cost % per gate",
                       caption="final = the last exit alone", box=box.SIMPLE_HEAVY)
         for col in ("corruption", "sev", "final", *shown):
