@@ -120,7 +120,7 @@ class ExitOutputs:
 
     def coherence(self, prev_exit: Optional[int], exit_index: int, chunk: int = 4096) -> np.ndarray:
         """``[coh_cosine, coh_ssim]`` of exit ``exit_index``'s CAM against exit ``prev_exit``'s, float32 (n, 2)
-        (``gates.map_cosine`` / ``gates.map_ssim``; zeros when ``prev_exit`` is None). Cached per exit pair."""
+        (``gates.map_coherence``; zeros when ``prev_exit`` is None). Cached per exit pair."""
         i = int(exit_index)
         if prev_exit is None:
             return np.zeros((len(self), 2), dtype=np.float32)
@@ -132,9 +132,7 @@ class ExitOutputs:
             out = np.zeros((len(self), 2), dtype=np.float64)
             for start in range(0, len(self), chunk):
                 sl = slice(start, start + chunk)
-                cam, prev = self.cams[i][sl], self.cams[j][sl]
-                out[sl, 0] = gates.map_cosine(cam, prev)
-                out[sl, 1] = gates.map_ssim(cam, prev)
+                out[sl] = gates.map_coherence(self.cams[i][sl], self.cams[j][sl])
             self._signal_cache[key] = out.astype(np.float32)
         return self._signal_cache[key]
 
