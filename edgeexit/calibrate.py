@@ -330,13 +330,14 @@ class ScoreColumns:
         return self._cache[key]
 
     def patience(self, i: int, prefix: Chain) -> np.ndarray:
-        """Patience at exit i after the kept exits ``prefix``, int64 (n,) (``gates.kept_patience`` on the chain)."""
+        """Patience at exit i after the kept exits ``prefix``, int64 (n,): ``gates.next_patience`` along the chain,
+        as the runtime counts it."""
         if not prefix:
-            return np.ones(len(self.outputs), dtype=np.int64)
+            return G.next_patience(None, None, self.classes[:, i])
 
         def compute() -> np.ndarray:
-            prev = self.patience(prefix[-1], prefix[:-1])
-            return np.where(self.classes[:, i] == self.classes[:, prefix[-1]], prev + 1, 1).astype(np.int64)
+            prev = prefix[-1]
+            return G.next_patience(self.patience(prev, prefix[:-1]), self.classes[:, prev], self.classes[:, i])
 
         return self._memo(("patience", i, prefix), compute)
 
@@ -733,8 +734,9 @@ def print_calibration(cal: Dict[str, Any], console=None) -> None:
                           f"per gate; cost = mean {costs['unit']} as % of the plain network ({costs['source']}; "
                           f"{overhead}); * = winner, "
                           f"x = misses the target; drop = points below the final exit; exits % = share of images "
-                          f"leaving at each exit; AUROC = mean over internal exits of predicting a right answer; "
-                          f"right if = a higher or lower score means right (per exit when mixed); oracle: "
+                          f"leaving at each exit (- = not kept); AUROC = mean over kept internal exits of predicting "
+                          f"a right answer; right if = a higher or lower score means right (per kept exit when "
+                          f"mixed); oracle (each image straight to its earliest right exit): "
                           f"{_pct(cal['oracle']['mean_cost'])}% cost at {_pct(cal['oracle']['accuracy'])}% accuracy")
     for col, just in (("gate", "left"), ("exits", "left"), ("cost %", "right"), ("acc %", "right"), ("drop", "right"),
                       ("exits %", "right"), ("AUROC", "right"), ("right if", "left"), ("", "left")):

@@ -345,7 +345,8 @@ def print_report(report: Dict[str, Any], console=None) -> None:
                           f"at {_pct(report['oracle']['mean_cost'])}% cost; * = calibrated "
                           f"winner; exits = the gate's kept internal exits; calib. = acc % / cost % on the "
                           f"calibration split; AUC = area under accuracy vs cost (0..1); AUROC = mean "
-                          f"failure-prediction AUROC over internal exits; exits % = share leaving at each exit",
+                          f"failure-prediction AUROC over kept internal exits; exits % = share leaving at each exit "
+                          f"(- = not kept)",
                   box=box.SIMPLE_HEAVY)
     for col in ("gate", "exits", "cost %", "acc %", "calib.", "AUC", "AUROC", "exits %", ""):
         gates.add_column(col, justify="left" if col in ("gate", "exits", "") else "right", no_wrap=True)
