@@ -29,7 +29,7 @@ def gate_rows(report: dict) -> list[list]:
     oracle = report["oracle"]["mean_cost"]
     rows = []
     for name, g in sorted(report["gates"].items(), key=lambda kv: kv[1]["mean_cost"] if kv[1]["mean_cost"] is not None else 9):
-        aurocs = " / ".join("—" if a is None else f"{a:.3f}" for a in g["auroc"])  # — also at exits not kept
+        aurocs = " / ".join("—" if a is None or not np.isfinite(a) else f"{a:.3f}" for a in g["auroc"])
         exits = g.get("exits")
         rows.append([
             f"**{name}**" if name == report.get("winner") else name, g.get("family", ""),

@@ -500,19 +500,28 @@ def _spread(values: Sequence[float], exits: Chain, num_exits: int, fill: float) 
     return out
 
 
-def _gate_stats(cols: ScoreColumns, gate: str, trials: List[_Trial], best: _Trial, costs: CostModel,
+def _policy_of(cols: ScoreColumns, gate: str, trial: _Trial) -> ExitPolicy:
+    """The ExitPolicy of ``gate`` at the point a trial chose on its chain."""
+    e = cols.outputs.num_exits
+    _, signs, _ = _oriented_columns(cols, gate, trial.exits)
+    return ExitPolicy(gate=gate, thresholds=_spread(trial.point.thresholds, trial.exits, e, math.inf),
+                      signs=_spread(signs, trial.exits, e, 1.0), temperatures=cols.temperatures,
+                      learned=cols.learned_params(trial.exits), exits=list(trial.exits))
+
+
+def _gate_stats(cols: ScoreColumns, gate: str, trials: List[_Trial], best: _Trial, every: _Trial, costs: CostModel,
                 target: Dict[str, Any], final_acc: float) -> Tuple[Dict[str, Any], np.ndarray]:
+    """Statistics of a gate: its chosen chain (``best``: policy, operating point, histogram, curve) and, to compare
+    gates on an equal footing, the chain that keeps every exit (``every``: AUROC per exit, curve area)."""
     e = cols.outputs.num_exits
     exits = best.exits
     kept = exits + (e - 1,)
-    scores, signs, aucs = _oriented_columns(cols, gate, exits)
+    scores, signs, kept_aucs = _oriented_columns(cols, gate, exits)
     frac = costs.fractions(exits)
     pos, acc, mean_cost = simulate(scores, cols.correct[:, kept], frac, best.point.thresholds)
     ex = np.asarray(kept)[pos]
-    policy = ExitPolicy(gate=gate, thresholds=_spread(best.point.thresholds, exits, e, math.inf),
-                        signs=_spread(signs, exits, e, 1.0), temperatures=cols.temperatures,
-                        learned=cols.learned_params(exits), exits=list(exits))
-    auc_list = _spread(aucs, exits, e, math.nan)
+    policy = _policy_of(cols, gate, best)
+    _, _, all_aucs = _oriented_columns(cols, gate, every.exits)
     stats = {
         "family": G.gate_spec(gate).family,
         "exits": [int(k) for k in exits],
@@ -522,14 +531,20 @@ def _gate_stats(cols: ScoreColumns, gate: str, trials: List[_Trial], best: _Tria
         "drop": 100.0 * (final_acc - float(acc)),
         "histogram": [int(v) for v in np.bincount(ex, minlength=e)],
         "stage_cost": [float(v) for v in frac],
-        "auroc": auc_list,
-        "mean_auroc": _nan_mean(aucs),
+        "kept_auroc": _spread(kept_aucs, exits, e, math.nan),
+        "auroc": [float(a) for a in all_aucs],
+        "mean_auroc": _nan_mean(all_aucs),
         "signs": [float(s) for s in policy.signs],
         "direction": direction(signs),
         "meets_target": _meets(target, float(acc), float(mean_cost)),
         "path": [[float(p.mean_cost), float(p.accuracy)] for p in best.path],
         "path_thresholds": [_spread(p.thresholds, exits, e, math.inf) for p in best.path],
-        "auc": accuracy_cost_auc([p.mean_cost for p in best.path], [p.accuracy for p in best.path], full_cost=1.0),
+        "auc": accuracy_cost_auc([p.mean_cost for p in every.path], [p.accuracy for p in every.path], full_cost=1.0),
+        "all_exits": {
+            "policy": _policy_of(cols, gate, every).to_dict(),
+            "path": [[float(p.mean_cost), float(p.accuracy)] for p in every.path],
+            "path_thresholds": [[float(t) for t in p.thresholds] for p in every.path],
+        },
         "cross_fitted": gate == "learned" and cols.n_folds >= 2,
         "subsets": [{"exits": list(t.exits), "mean_cost": float(t.point.mean_cost), "accuracy": float(t.point.accuracy),
                      "meets_target": bool(t.meets)} for t in trials],
@@ -592,11 +607,15 @@ def calibrate_outputs(
     started = time.perf_counter()
     stats: Dict[str, Dict[str, Any]] = {}
     oriented_all: Dict[str, np.ndarray] = {}
+    every_exit = tuple(range(e - 1))
     for gate in gate_names:
         trials = [_try_subset(cols, gate, s, costs, target, n_candidates) for s in subsets]
         best = trials[_best_index([t.point.accuracy for t in trials], [t.point.mean_cost for t in trials],
                                   [t.meets for t in trials], target)]
-        stats[gate], oriented_all[gate] = _gate_stats(cols, gate, trials, best, costs, target, final_acc)
+        every = next((t for t in trials if t.exits == every_exit), None)
+        if every is None:  # forced or capped subsets: the reference chain is searched on its own
+            every = _try_subset(cols, gate, every_exit, costs, target, n_candidates)
+        stats[gate], oriented_all[gate] = _gate_stats(cols, gate, trials, best, every, costs, target, final_acc)
     winner = _pick_winner(stats, target)
     calibration = {
         "version": 2,
@@ -734,9 +753,10 @@ def print_calibration(cal: Dict[str, Any], console=None) -> None:
                           f"per gate; cost = mean {costs['unit']} as % of the plain network ({costs['source']}; "
                           f"{overhead}); * = winner, "
                           f"x = misses the target; drop = points below the final exit; exits % = share of images "
-                          f"leaving at each exit (- = not kept); AUROC = mean over kept internal exits of predicting "
-                          f"a right answer; right if = a higher or lower score means right (per kept exit when "
-                          f"mixed); oracle (each image straight to its earliest right exit): "
+                          f"leaving at each exit (- = not kept); AUROC = mean over internal exits of predicting a "
+                          f"right answer (every exit kept, comparable across gates); right if = a higher or lower "
+                          f"score means right (per kept exit when mixed); oracle (each image straight to its "
+                          f"earliest right exit): "
                           f"{_pct(cal['oracle']['mean_cost'])}% cost at {_pct(cal['oracle']['accuracy'])}% accuracy")
     for col, just in (("gate", "left"), ("exits", "left"), ("cost %", "right"), ("acc %", "right"), ("drop", "right"),
                       ("exits %", "right"), ("AUROC", "right"), ("right if", "left"), ("", "left")):

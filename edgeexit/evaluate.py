@@ -3,13 +3,14 @@
 Everything here applies what calibration fixed (temperatures, signs, thresholds, learned weights); the evaluation
 data tunes nothing. For every calibrated gate:
 
-- the accuracy-vs-mean-cost curve: every point of the gate's calibration path (its per-exit thresholds) applied to
-  the evaluation data, and the area under it (``metrics.accuracy_cost_auc``, cost normalised to full depth);
+- the accuracy-vs-mean-cost curve: every point of the gate's calibration path (its per-exit thresholds on its kept
+  exits) applied to the evaluation data; the area under the same kind of curve with every exit kept
+  (``metrics.accuracy_cost_auc``, cost as a fraction of the plain network), comparable across gates;
 - the calibrated operating point (the gate's ``ExitPolicy`` with its kept exits, as the runtime applies it): accuracy,
   mean cost, exit histogram. Signals are those of the gate's chain (coherence against the previous kept exit,
   patience over the kept exits, ``ExitOutputs.signals``) and costs follow the one cost rule (``stages.exit_costs``);
 - the failure-prediction AUROC per internal exit: how well the oriented score separates right from wrong answers
-  of that exit (null at exits the gate does not keep);
+  of that exit, with every exit kept (``kept_auroc``: at the gate's kept exits, null elsewhere);
 
 plus per-exit accuracy, each exit's cost on its own (one stage straight to it) and the oracle (each image runs
 straight to its earliest right exit). ``--corrupt`` repeats the
@@ -20,7 +21,8 @@ report.json keys (schema ``edgeexit-report/1``; accuracies in [0, 1], costs as f
 non-finite numbers written as null):
 ``schema, created, edgeexit_version, checkpoint, data, n, skipped, limit, classes, costs, calibration, exit_accuracy,
 exit_cost, oracle, gates, winner, comparison, corruptions, plots``; each ``gates[name]``: ``family, accuracy,
-mean_cost, drop, histogram, auroc, mean_auroc, auc, curve, signs, thresholds, exits, exit_cost, calibrated``
+mean_cost, drop, histogram, auroc, mean_auroc, kept_auroc, auc, curve, signs, thresholds, exits, exit_cost,
+calibrated``
 (``exits``: the kept internal exits; ``exit_cost``: cost of leaving at each exit on that chain, null where not kept).
 """
 
@@ -49,8 +51,8 @@ REPORT_SCHEMA = "edgeexit-report/1"
 REPORT_KEYS = ("schema", "created", "edgeexit_version", "checkpoint", "data", "n", "skipped", "limit", "classes",
                "costs", "calibration", "exit_accuracy", "exit_cost", "oracle", "gates", "winner", "comparison",
                "corruptions", "plots")
-GATE_KEYS = ("family", "accuracy", "mean_cost", "drop", "histogram", "auroc", "mean_auroc", "auc", "curve", "signs",
-             "thresholds", "exits", "exit_cost", "calibrated")
+GATE_KEYS = ("family", "accuracy", "mean_cost", "drop", "histogram", "auroc", "mean_auroc", "kept_auroc", "auc", "curve",
+             "signs", "thresholds", "exits", "exit_cost", "calibrated")
 CAM_FAMILIES = ("saliency", "coherence")
 
 
@@ -77,12 +79,34 @@ def _nan_mean(values: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # analysis of one set of outputs
 # ----------------------------------------------------------------------------------------------------------------
+def _chain(outputs, policy: ExitPolicy, costs: CostModel, path_thresholds) -> Dict[str, Any]:
+    """``policy`` on ``outputs`` as its stages compute it: oriented scores (nan where not kept), the exit of every
+    image, the AUROC per internal exit (nan where not kept) and the curve of ``path_thresholds`` (E - 1 each)."""
+    correct = outputs.correct
+    signals = outputs.signals(policy.temperatures, policy.exits)
+    oriented = policy_scores(policy, signals, outputs.patience_for(policy.exits))
+    aurocs = []
+    for i in range(outputs.num_exits - 1):
+        keep = np.isfinite(oriented[:, i])
+        aurocs.append(float(auroc(oriented[keep, i], correct[keep, i])) if i in policy.kept_internal else math.nan)
+    inner, kept = list(policy.kept_internal), list(policy.kept)
+    chain_cost = costs.fractions(policy.exits)
+    curve = []
+    for thr in path_thresholds:
+        _, a, c = simulate(oriented[:, inner], correct[:, kept], chain_cost, [thr[i] for i in inner])
+        curve.append([float(c), float(a)])
+    return {"exit": policy.decide(signals, outputs.classes), "auroc": aurocs, "curve": curve}
+
+
 def analyse(outputs, cal: Dict[str, Any], costs: CostModel, curves: bool = True) -> Dict[str, Any]:
     """Per-exit accuracy, oracle and, for every calibrated gate, curve / operating point / AUROC on ``outputs``
     (labelled ``ExitOutputs``), with calibration's temperatures, signs, thresholds, learned weights and kept exits.
-    ``costs``: prices every gate's chain with the one cost rule (fractions of the plain network)."""
+    ``costs``: prices every chain with the one cost rule (fractions of the plain network).
+
+    The operating point, its histogram and ``curve`` are the gate's own chain (its kept exits); ``auroc``,
+    ``mean_auroc`` and ``auc`` are measured on the chain that keeps every exit (calibration's ``all_exits``), so
+    gates compare on an equal footing; ``kept_auroc`` is the AUROC at the gate's kept exits."""
     n, e = len(outputs), outputs.num_exits
-    classes = outputs.classes
     correct = outputs.correct
     rows = np.arange(n)
     exit_acc = correct.mean(axis=0)
@@ -93,38 +117,29 @@ def analyse(outputs, cal: Dict[str, Any], costs: CostModel, curves: bool = True)
         policy = ExitPolicy.from_dict(g["policy"])
         if policy.num_exits != e:
             raise ValueError(f"the calibration of gate {name} has {policy.num_exits} exits, the model {e}")
-        signals = outputs.signals(policy.temperatures, policy.exits)  # as the gate's stages compute them
-        oriented = policy_scores(policy, signals, outputs.patience_for(policy.exits))
-        ex = policy.decide(signals, classes)  # the operating point, exactly as the runtime decides
+        own = _chain(outputs, policy, costs, g.get("path_thresholds") or [policy.thresholds])
+        every = g.get("all_exits")  # absent in calibrations made before exit selection: they kept every exit
+        ref = _chain(outputs, ExitPolicy.from_dict(every["policy"]), costs, every["path_thresholds"]) if every else own
+        ex = own["exit"]  # the operating point, exactly as the runtime decides
         exit_cost = costs.exit_vector(policy.exits)
         acc = float(correct[rows, ex].mean())
-        cost = float(exit_cost[ex].mean())
-        aurocs = []
-        for i in range(e - 1):
-            keep = np.isfinite(oriented[:, i])
-            aurocs.append(float(auroc(oriented[keep, i], correct[keep, i])) if i in policy.kept_internal else math.nan)
         entry: Dict[str, Any] = {
             "family": gate_spec(name).family,
             "accuracy": acc,
-            "mean_cost": cost,
+            "mean_cost": float(exit_cost[ex].mean()),
             "drop": 100.0 * (final_acc - acc),
             "histogram": [int(v) for v in np.bincount(ex, minlength=e)],
-            "auroc": aurocs,
-            "mean_auroc": _nan_mean(aurocs),
+            "auroc": ref["auroc"],
+            "mean_auroc": _nan_mean(ref["auroc"]),
+            "kept_auroc": own["auroc"],
             "signs": [float(s) for s in policy.signs],
             "thresholds": [float(t) for t in policy.thresholds],
             "exits": list(policy.kept_internal),
             "exit_cost": [float(c) for c in exit_cost],
+            "auc": accuracy_cost_auc([c for c, _ in ref["curve"]], [a for _, a in ref["curve"]], full_cost=1.0),
         }
-        inner, kept = list(policy.kept_internal), list(policy.kept)
-        chain_cost = costs.fractions(policy.exits)
-        curve = []
-        for thr in g.get("path_thresholds") or [policy.thresholds]:
-            _, a, c = simulate(oriented[:, inner], correct[:, kept], chain_cost, [thr[i] for i in inner])
-            curve.append([float(c), float(a)])
-        entry["auc"] = accuracy_cost_auc([c for c, _ in curve], [a for _, a in curve], full_cost=1.0)
         if curves:
-            entry["curve"] = curve
+            entry["curve"] = own["curve"]
         entry["calibrated"] = {k: g.get(k) for k in ("accuracy", "mean_cost", "auc", "mean_auroc")}
         gates_out[name] = entry
     return {
@@ -344,8 +359,9 @@ def print_report(report: Dict[str, Any], console=None) -> None:
                   caption=f"final exit {_pct(final)}%; oracle (earliest right exit): {_pct(report['oracle']['accuracy'])}% "
                           f"at {_pct(report['oracle']['mean_cost'])}% cost; * = calibrated "
                           f"winner; exits = the gate's kept internal exits; calib. = acc % / cost % on the "
-                          f"calibration split; AUC = area under accuracy vs cost (0..1); AUROC = mean "
-                          f"failure-prediction AUROC over kept internal exits; exits % = share leaving at each exit "
+                          f"calibration split; AUC = area under accuracy vs cost (0..1) and AUROC = mean "
+                          f"failure-prediction AUROC over internal exits, both with every exit kept (comparable "
+                          f"across gates); exits % = share leaving at each exit "
                           f"(- = not kept)",
                   box=box.SIMPLE_HEAVY)
     for col in ("gate", "exits", "cost %", "acc %", "calib.", "AUC", "AUROC", "exits %", ""):

@@ -129,13 +129,13 @@ def plot_auroc(report: Dict[str, Any], path: Path) -> None:
     k = len(report["exit_accuracy"]) - 1
     xs = list(range(k))
     for name, g in report["gates"].items():
-        pts = [(x, a) for x, a in zip(xs, g["auroc"]) if _finite(a)]  # only the gate's kept exits
-        ax.plot([x for x, _ in pts], [a for _, a in pts], marker="o", lw=2.4 if name == report["winner"] else 1.5,
-                label=f"{name}, {_kept(g)} (mean {g['mean_auroc']:.3f})" if _finite(g["mean_auroc"]) else name,
+        ys = [a if _finite(a) else float("nan") for a in g["auroc"]]
+        ax.plot(xs, ys, marker="o", lw=2.4 if name == report["winner"] else 1.5,
+                label=f"{name} (mean {g['mean_auroc']:.3f})" if _finite(g["mean_auroc"]) else name,
                 **gate_style(name, g["family"]))
     ax.axhline(0.5, color="grey", lw=1, linestyle=":", label="chance (0.5)")
     ax.set_xticks(xs, [f"exit {i}\n{100 * report['exit_cost'][i]:.0f}% cost" for i in xs])
-    ax.set_xlabel("internal exit (cost on its own, % of plain network); each gate at the exits it keeps")
+    ax.set_xlabel("internal exit (cost on its own, % of plain network); every exit kept")
     ax.set_ylabel("AUROC (score separates right from wrong answers)")
     values = [a for g in report["gates"].values() for a in g["auroc"] if _finite(a)]
     ax.set_ylim(min([0.3] + [v - 0.05 for v in values]), 1.02)

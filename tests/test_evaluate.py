@@ -188,7 +188,8 @@ def test_evaluate_uses_each_gates_kept_exits(tiny_ckpt, test_folder, tmp_path):
     for name, g in report["gates"].items():
         assert g["exits"] == [1], name
         assert g["histogram"][0] == g["histogram"][2] == 0 and sum(g["histogram"]) == report["n"]
-        assert g["auroc"][0] is None and g["auroc"][2] is None and g["auroc"][1] is not None
+        assert g["kept_auroc"][0] is None and g["kept_auroc"][2] is None and g["kept_auroc"][1] is not None
+        assert len(g["auroc"]) == 3  # gate quality: every exit kept
         assert g["exit_cost"][0] is None and g["exit_cost"][2] is None
         assert g["exit_cost"][1] == pytest.approx(cal["gates"][name]["stage_cost"][0])
         hist = np.asarray(g["histogram"])

@@ -14,6 +14,7 @@ from edgeexit import gates as G
 from edgeexit.calibrate import CostModel, ScoreColumns, calibrate_outputs, load_costs
 from edgeexit.collect import ExitOutputs
 from edgeexit.evaluate import analyse
+from edgeexit.metrics import accuracy_cost_auc
 from edgeexit.policy import ExitPolicy
 
 E = 4  # exits 0, 1, 2 internal, 3 the backbone's classifier
@@ -192,8 +193,9 @@ def test_evaluation_on_the_calibration_data_reproduces_it(all_useful):
             assert g["accuracy"] == pytest.approx(c["accuracy"]) and g["mean_cost"] == pytest.approx(c["mean_cost"])
             assert g["histogram"] == c["histogram"]
             np.testing.assert_allclose(g["curve"], c["path"])
+            assert g["auc"] == pytest.approx(c["auc"]) and g["auroc"] == pytest.approx(c["auroc"], nan_ok=True)
         dropped = [i for i in range(E - 1) if i not in c["exits"]]
-        assert all(math.isnan(g["auroc"][i]) and math.isnan(g["exit_cost"][i]) for i in dropped)
+        assert all(math.isnan(g["kept_auroc"][i]) and math.isnan(g["exit_cost"][i]) for i in dropped)
     np.testing.assert_allclose(rep["oracle"]["mean_cost"], cal["oracle"]["mean_cost"])
 
 
@@ -247,3 +249,20 @@ def test_energy_without_boundary_is_refused(tmp_path):
     del data["measured"]["energy_mj"]["boundary"]
     with pytest.raises(ValueError, match="needs 'boundary'.*energy_mj"):
         load_costs(write(tmp_path / "c.json", data), 2, "energy_mj")
+
+
+def test_gate_quality_does_not_depend_on_the_kept_exits(all_useful):
+    """AUC and AUROC compare gates on the chain that keeps every exit: forcing a late exit changes the operating
+    point, not the figures the gates are compared by (a chain without cheap exits would otherwise look better)."""
+    model = costs(heads=(0.1, 0.1, 0.1, 0.05), boundary=0.3)
+    kw = dict(max_drop=0.5, gate_names=["max_prob", "coh_cosine", "patience"], temperatures=[1.0] * E, folds=3)
+    free = calibrate_outputs(all_useful, model, **kw).calibration["gates"]
+    late = calibrate_outputs(all_useful, model, exits=(2,), **kw).calibration["gates"]
+    for gate in free:
+        assert late[gate]["exits"] == [2] and late[gate]["mean_cost"] != pytest.approx(free[gate]["mean_cost"])
+        assert late[gate]["auc"] == free[gate]["auc"]
+        assert late[gate]["auroc"] == pytest.approx(free[gate]["auroc"], nan_ok=True)
+        every = free[gate]["all_exits"]
+        assert ExitPolicy.from_dict(every["policy"]).exits == [0, 1, 2]
+        assert free[gate]["auc"] == pytest.approx(
+            accuracy_cost_auc([c for c, _ in every["path"]], [a for _, a in every["path"]]))
