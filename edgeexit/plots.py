@@ -92,7 +92,8 @@ def plot_accuracy_vs_cost(report: Dict[str, Any], path: Path) -> None:
     ax.set_xlabel(f"mean cost per image (% of the plain network's {unit})")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Accuracy vs mean cost on {_short(report['data'])} ({report['n']} images)\n"
-                 "every gate's thresholds were fixed on the calibration split")
+                 "every gate's kept exits and thresholds were fixed on the calibration split\n"
+                 "(AUC in the legend: the same search with every exit kept, comparable across gates)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     save_figure(fig, path)
