@@ -316,3 +316,23 @@ def test_cli_exit_selection_errors_are_one_line(tiny_ckpt, tmp_path):
     bad.write_text(json.dumps({"schema": "edgeexit-costs/2", "metric": "latency_ms", "segments": [1, 1, 1, 1],
                                "heads": [0, 0, 0, 1]}))
     assert "boundary" in err("--costs", str(bad))
+
+
+def test_cli_reads_costs_v2(tiny_ckpt, tmp_path):
+    """A profile's v2 file: compute costs plus the measured per-call overhead, which calibration charges per stage."""
+    data = {"schema": "edgeexit-costs/2", "metric": "latency_ms", "segments": [0.1, 0.1, 0.1, 0.1],
+            "heads": [0.01, 0.01, 0.01, 0.01], "boundary": 0.03,
+            "stages": [{"exits": [1, 3], "latency_ms": 0.5}, {"exits": [3], "latency_ms": 0.44}],
+            "measured": {"latency_ms": {"segments": [0.1, 0.1, 0.1, 0.1], "heads": [0.01, 0.01, 0.01, 0.01],
+                                        "boundary": 0.03}}}
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "cal.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--costs", str(path), "--gates", "max_prob",
+                                 "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cal = load_checkpoint(out)["calibration"]
+    assert cal["costs"]["boundary"] == 0.03 and cal["costs"]["stage_timings"] == data["stages"]
+    g = cal["gates"]["max_prob"]
+    model = CostModel.from_dict(cal["costs"])
+    np.testing.assert_allclose(g["stage_cost"], model.exit_costs(g["exits"]) / (0.4 + 0.01 + 0.03))
