@@ -29,9 +29,11 @@ def gate_rows(report: dict) -> list[list]:
     oracle = report["oracle"]["mean_cost"]
     rows = []
     for name, g in sorted(report["gates"].items(), key=lambda kv: kv[1]["mean_cost"] if kv[1]["mean_cost"] is not None else 9):
-        aurocs = " / ".join("—" if a is None else f"{a:.3f}" for a in g["auroc"])
+        aurocs = " / ".join("—" if a is None or not np.isfinite(a) else f"{a:.3f}" for a in g["auroc"])
+        exits = g.get("exits")
         rows.append([
             f"**{name}**" if name == report.get("winner") else name, g.get("family", ""),
+            "all" if exits is None else (",".join(map(str, exits)) or "none"),
             pct(g["mean_cost"]), pct(g["accuracy"], 2), f"{g['drop']:.2f}" if g.get("drop") is not None else "—",
             f"{g['mean_cost'] / oracle:.2f}" if g["mean_cost"] and oracle else "—",
             f"{g['auc']:.4f}" if g.get("auc") is not None else "—", aurocs,
@@ -39,7 +41,7 @@ def gate_rows(report: dict) -> list[list]:
     return rows
 
 
-GATE_HEADER = ["gate", "family", "mean cost % of plain net", "test acc %", "drop below final exit (points)",
+GATE_HEADER = ["gate", "family", "kept exits", "mean cost % of plain net", "test acc %", "drop below final exit (points)",
                "cost / oracle", "acc-cost AUC", "failure AUROC per internal exit"]
 
 
@@ -124,11 +126,11 @@ def main() -> None:
         "machine": machine(), "checkpoint": str(args.ckpt), "test": str(args.test), "max_drop_points": args.max_drop,
         "calibration": {"split": cal.get("split"), "winner": cal.get("winner"), "temperatures": cal.get("temperatures"),
                         "exit_accuracy": cal.get("exit_accuracy"), "oracle": cal.get("oracle"),
-                        "gates": {k: {kk: v.get(kk) for kk in ("mean_cost", "accuracy", "drop", "meets_target", "direction", "mean_auroc", "policy")}
+                        "gates": {k: {kk: v.get(kk) for kk in ("exits", "mean_cost", "accuracy", "drop", "meets_target", "direction", "mean_auroc", "policy")}
                                   for k, v in cal["gates"].items()}},
         "test": {"n": report["n"], "exit_accuracy": report["exit_accuracy"], "exit_cost": report["exit_cost"],
                  "oracle": report["oracle"], "winner": report.get("winner"), "comparison": report.get("comparison"),
-                 "gates": {k: {kk: v.get(kk) for kk in ("family", "mean_cost", "accuracy", "drop", "auc", "auroc", "mean_auroc", "histogram")}
+                 "gates": {k: {kk: v.get(kk) for kk in ("family", "exits", "mean_cost", "accuracy", "drop", "auc", "auroc", "mean_auroc", "histogram")}
                            for k, v in report["gates"].items()}},
         "seconds": {"calibrate": round(t_cal, 1), "evaluate": round(t_eval, 1)},
     }

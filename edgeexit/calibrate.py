@@ -3,19 +3,25 @@
 Steps (``calibrate``):
 1. run the model once over the calibration split (``collect``) and fit one softmax temperature per exit
    (``gates.fit_temperature``, NLL);
-2. compute every gate's raw score at every internal exit: the 7 signals (``gates.exit_signals``), PABEE
-   ``patience`` and the ``learned`` gate, a logistic regression per internal exit over the 7 signals + patience
-   predicting "this exit's answer is right". The learned gate is cross-fitted: its threshold search sees
-   out-of-fold scores (K folds), and the weights stored in the policy are refitted on all the data;
-3. orient every gate per exit from the data (``thresholds.orient``: sign +1 when a higher score means right);
-4. search per-exit thresholds (``thresholds.greedy_path`` + ``choose``) for the target: an accuracy at most
-   ``max_drop`` points below the final exit's on the split, or a mean-cost budget (fraction of the plain network);
-5. the winner is the gate with the smallest mean cost that meets the target (budget: the most accurate within
-   budget); its ``ExitPolicy`` goes into ``ckpt["policy"]``, every gate's policy and statistics into
-   ``ckpt["calibration"]`` (layout in docs/architecture.md).
+2. for every gate and every subset of the internal exits (``stages.internal_subsets``: 64 for 7 exits; or the
+   subset forced with ``exits``), compute the gate's raw score at each kept exit as the deployed chain computes it:
+   the coherence signals against the previous *kept* exit, PABEE ``patience`` over the kept exits, and the
+   ``learned`` gate, a logistic regression per kept exit over the 7 signals + patience predicting "this exit's
+   answer is right". The learned gate is cross-fitted: its threshold search sees out-of-fold scores (K folds);
+   the weights stored in the policy are refitted on all the data. Scores, orientations and fits are cached by
+   what they depend on (the exit, and the previous kept exit or the kept exits before it);
+3. orient every gate per kept exit from the data (``thresholds.orient``: sign +1 when a higher score means right);
+4. price leaving at each kept exit with ``stages.exit_costs`` (the kept heads only, one ``boundary`` per stage run)
+   as a fraction of ``stages.reference_cost`` (the plain network, one call), and search per-exit thresholds on
+   that subset (``thresholds.greedy_path`` + ``choose``) for the target: an accuracy at most ``max_drop`` points
+   below the final exit's on the split, or a mean-cost budget (fraction of the plain network);
+5. each gate keeps its best subset: the cheapest that meets the target (budget: the most accurate within budget);
+6. the winner is the gate with the smallest mean cost that meets the target (budget: the most accurate within
+   budget); its ``ExitPolicy`` (with its kept ``exits``) goes into ``ckpt["policy"]``, every gate's policy and
+   statistics into ``ckpt["calibration"]`` (layout in docs/architecture.md).
 
-Costs are fractions of the plain network (all segments + the last head): MACs from ``model.costs()``, or measured
-per-segment / per-head costs from a ``costs.json`` written by ``edgeexit profile``.
+Costs: MACs from ``model.costs()`` plus a per-stage overhead in MAC-equivalents (``stage_overhead``), or measured
+per-segment / per-head costs and per-call overhead from a ``costs.json`` written by ``edgeexit profile``.
 """
 
 from __future__ import annotations
@@ -23,30 +29,30 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import gates as G
+from . import stages
 from .metrics import accuracy_cost_auc
 from .policy import ExitPolicy
 from .thresholds import PathPoint, choose, greedy_path, oracle, orient, simulate
 
 __all__ = [
-    "CostModel", "GATE_FAMILY", "model_costs", "load_costs", "resolve_costs", "parse_gates", "fit_temperatures",
-    "fit_learned", "raw_scores", "CalibrationResult", "calibrate_outputs", "calibrate", "print_calibration",
-    "direction",
+    "CostModel", "DEFAULT_STAGE_OVERHEAD", "model_costs", "load_costs", "resolve_costs", "parse_gates",
+    "fit_temperatures", "cross_fit", "ScoreColumns", "policy_scores", "CalibrationResult", "calibrate_outputs",
+    "calibrate", "print_calibration", "direction",
 ]
 
 COST_METRICS = ("latency_ms", "energy_mj")
-GATE_FAMILY: Dict[str, str] = {
-    "max_prob": "softmax", "margin": "softmax", "entropy_conf": "softmax",
-    "sal_entropy": "saliency", "sal_spread": "saliency",
-    "coh_cosine": "coherence", "coh_ssim": "coherence",
-    "patience": "agreement", "learned": "learned",
-}
+COSTS_SCHEMAS = ("edgeexit-costs/1", "edgeexit-costs/2")
+DEFAULT_STAGE_OVERHEAD = 2_000_000.0
+"""MAC-equivalents charged per engine call (stage) when costs are MACs: about 25-30 us of per-call overhead
+(ONNX Runtime on a 2-core x86 CPU) at the ~70 GMAC/s that CPU sustains on these convolutions."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,51 +60,94 @@ GATE_FAMILY: Dict[str, str] = {
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CostModel:
-    """Cost of leaving at each exit (``cumulative``, absolute, in ``unit``) and of the plain network (``reference``)."""
+    """Per-exit compute costs and the per-call overhead, in ``unit``.
 
-    cumulative: tuple
-    reference: float
+    ``segments`` / ``heads``: E compute costs each; ``boundary``: the fixed cost of one engine call (one stage).
+    Leaving at the kept exits of a chain costs ``stages.exit_costs(segments, heads, exits, boundary)``; the plain
+    network (``reference``) costs ``stages.reference_cost(segments, heads, boundary)``. ``stage_timings``: the
+    per-stage measurements of a costs.json v2, kept for the record (calibration prices stages with the rule).
+    """
+
+    segments: tuple
+    heads: tuple
+    boundary: float
     unit: str
     source: str
-    segments: tuple = ()
-    heads: tuple = ()
     device: Optional[str] = None
     backend: Optional[str] = None
+    stage_timings: tuple = ()
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.segments)
+
+    @property
+    def reference(self) -> float:
+        """The plain network run as one graph (``stages.reference_cost``)."""
+        return stages.reference_cost(self.segments, self.heads, self.boundary)
+
+    def exit_costs(self, exits: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Absolute cost of leaving at each kept exit (kept internal exits, then the last), float64."""
+        return stages.exit_costs(self.segments, self.heads, exits, self.boundary)
+
+    def fractions(self, exits: Optional[Sequence[int]] = None) -> np.ndarray:
+        """``exit_costs(exits) / reference``: the cost fractions calibration and evaluation use."""
+        return self.exit_costs(exits) / self.reference
+
+    def exit_vector(self, exits: Optional[Sequence[int]] = None) -> np.ndarray:
+        """``fractions(exits)`` spread over all E exits, float64 (E,); nan at the exits that are not kept."""
+        out = np.full(self.num_exits, np.nan)
+        out[list(stages.kept_exits(exits, self.num_exits))] = self.fractions(exits)
+        return out
+
+    def single_exit_fractions(self) -> np.ndarray:
+        """Each exit on its own: one stage straight to exit i (its segments, its head, one call), float64 (E,);
+        the last entry is the plain network (1.0)."""
+        e = self.num_exits
+        return np.asarray([self.fractions((i,) if i < e - 1 else ())[0] for i in range(e)])
+
+    @property
+    def cumulative(self) -> tuple:
+        """Cost of leaving at each exit when every exit is kept (absolute)."""
+        return tuple(float(v) for v in self.exit_costs(None))
 
     @property
     def fraction(self) -> np.ndarray:
-        """Cost of leaving at each exit as a fraction of the plain network, float64 (E,)."""
-        return np.asarray(self.cumulative, dtype=np.float64) / float(self.reference)
+        """``cumulative / reference``, float64 (E,): every exit kept."""
+        return self.fractions(None)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "unit": self.unit, "source": self.source,
-            "cumulative": [float(v) for v in self.cumulative], "reference": float(self.reference),
-            "fraction": [float(v) for v in self.fraction],
             "segments": [float(v) for v in self.segments], "heads": [float(v) for v in self.heads],
+            "boundary": float(self.boundary), "reference": float(self.reference),
+            "cumulative": [float(v) for v in self.cumulative], "fraction": [float(v) for v in self.fraction],
+            "single_exit": [float(v) for v in self.single_exit_fractions()],
+            "stage_timings": [dict(s) for s in self.stage_timings],
             "device": self.device, "backend": self.backend,
         }
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "CostModel":
-        return cls(tuple(float(v) for v in data["cumulative"]), float(data["reference"]), str(data["unit"]),
-                   str(data.get("source", "?")), tuple(data.get("segments") or ()), tuple(data.get("heads") or ()),
-                   data.get("device"), data.get("backend"))
+        """Inverse of ``to_dict``; a calibration written before stages existed has no boundary (0)."""
+        return cls(tuple(float(v) for v in data["segments"]), tuple(float(v) for v in data["heads"]),
+                   float(data.get("boundary") or 0.0), str(data["unit"]), str(data.get("source", "?")),
+                   data.get("device"), data.get("backend"), tuple(dict(s) for s in data.get("stage_timings") or ()))
 
 
-def _cost_model(segments: Sequence[float], heads: Sequence[float], unit: str, source: str, **extra) -> CostModel:
-    seg = np.asarray(segments, dtype=np.float64)
-    hd = np.asarray(heads, dtype=np.float64)
-    cumulative = np.cumsum(seg) + np.cumsum(hd)
-    reference = float(seg.sum() + hd[-1])
-    return CostModel(tuple(float(v) for v in cumulative), reference, unit, source,
-                     tuple(float(v) for v in seg), tuple(float(v) for v in hd), **extra)
+def _check_overhead(value: float, what: str) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return v
 
 
-def model_costs(model) -> CostModel:
-    """MACs of the model's segments and heads (``model.costs()``)."""
+def model_costs(model, stage_overhead: float = DEFAULT_STAGE_OVERHEAD) -> CostModel:
+    """MACs of the model's segments and heads (``model.costs()``), ``stage_overhead`` MACs per engine call."""
     c = model.costs()
-    return _cost_model(c.segment_macs, c.head_macs, "MACs", "model")
+    overhead = _check_overhead(stage_overhead, "--stage-overhead (MACs per stage)")
+    return CostModel(tuple(float(v) for v in c.segment_macs), tuple(float(v) for v in c.head_macs), overhead,
+                     "MACs", "model")
 
 
 def _cost_values(name: str, values: Any, num_exits: int, path: Path) -> List[float]:
@@ -121,10 +170,40 @@ def _cost_values(name: str, values: Any, num_exits: int, path: Path) -> List[flo
     return out
 
 
-def load_costs(path: Path | str, num_exits: int, metric: Optional[str] = None) -> CostModel:
-    """Read a ``costs.json`` (schema ``edgeexit-costs/1``, see docs/architecture.md "Device costs").
+def _boundary_value(record: Dict[str, Any], metric: str, path: Path) -> float:
+    if "boundary" not in record:
+        raise ValueError(f"{path}: an edgeexit-costs/2 file needs 'boundary' (the measured per-call overhead) for "
+                         f"{metric}")
+    value = record["boundary"]
+    if isinstance(value, dict):  # a statistics record, as for segments and heads
+        value = next((value[k] for k in ("mean", "p50", "median") if k in value), None)
+    try:
+        return _check_overhead(value, "boundary")
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: boundary must be a finite number >= 0, got {value!r}") from None
 
-    ``metric`` (latency_ms | energy_mj) picks one of the measured costs; default: the file's ``metric``.
+
+def _stage_timings(value: Any, num_exits: int, path: Path) -> tuple:
+    """The optional per-stage timings of a v2 file: a list of objects, each naming the ``exits`` (indices of this
+    model's exits) of what it timed. Informative only, so nothing else about them is checked."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(s, dict) and isinstance(s.get("exits"), list) for s in value):
+        raise ValueError(f"{path}: stages must be a list of objects with an 'exits' list")
+    for s in value:
+        bad = [k for k in s["exits"] if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_exits]
+        if bad:
+            raise ValueError(f"{path}: stages: {bad[0]!r} is not an exit of a {num_exits}-exit model")
+    return tuple(dict(s) for s in value)
+
+
+def load_costs(path: Path | str, num_exits: int, metric: Optional[str] = None) -> CostModel:
+    """Read a ``costs.json`` (docs/architecture.md "Device costs").
+
+    ``edgeexit-costs/1``: every segment and head was measured as its own call, so the per-stage ``boundary`` is 0;
+    ``edgeexit-costs/2``: ``segments`` / ``heads`` are compute only and ``boundary`` is the measured per-call
+    overhead (same unit); optional ``stages`` timings are kept for the record. ``metric`` (latency_ms |
+    energy_mj) picks one of the measured costs; default: the file's ``metric``.
     """
     path = Path(path)
     if not path.is_file():
@@ -133,8 +212,10 @@ def load_costs(path: Path | str, num_exits: int, metric: Optional[str] = None) -
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("schema") != "edgeexit-costs/1":
-        raise ValueError(f"{path} is not an edgeexit costs file (expected \"schema\": \"edgeexit-costs/1\")")
+    if not isinstance(data, dict) or data.get("schema") not in COSTS_SCHEMAS:
+        expected = " or ".join(f'"{s}"' for s in COSTS_SCHEMAS)
+        raise ValueError(f"{path} is not an edgeexit costs file (expected \"schema\": {expected})")
+    v2 = data["schema"] == "edgeexit-costs/2"
     file_metric = data.get("metric")
     if metric is not None and metric not in COST_METRICS:
         raise ValueError(f"--cost-metric must be one of {', '.join(COST_METRICS)}, got {metric!r}")
@@ -142,28 +223,35 @@ def load_costs(path: Path | str, num_exits: int, metric: Optional[str] = None) -
     if metric not in COST_METRICS:
         raise ValueError(f"{path}: metric must be one of {', '.join(COST_METRICS)}, got {file_metric!r}")
     if metric == file_metric and "segments" in data and "heads" in data:
-        seg, heads = data["segments"], data["heads"]
+        record = data
     else:
         measured_all = data.get("measured") or {}
         if not isinstance(measured_all, dict):
             raise ValueError(f"{path}: 'measured' must be an object, got {type(measured_all).__name__}")
-        measured = measured_all.get(metric)
-        if not isinstance(measured, dict) or "segments" not in measured or "heads" not in measured:
+        record = measured_all.get(metric)
+        if not isinstance(record, dict) or "segments" not in record or "heads" not in record:
             raise ValueError(f"{path} has no measured {metric} (segments and heads); profile with that meter "
                              f"or drop --cost-metric")
-        seg, heads = measured["segments"], measured["heads"]
-    seg = _cost_values("segments", seg, num_exits, path)
-    heads = _cost_values("heads", heads, num_exits, path)
-    if sum(seg) + heads[-1] <= 0:
+    seg = _cost_values("segments", record["segments"], num_exits, path)
+    heads = _cost_values("heads", record["heads"], num_exits, path)
+    boundary = _boundary_value(record, metric, path) if v2 else 0.0
+    timings = _stage_timings(data.get("stages"), num_exits, path) if v2 else ()
+    if sum(seg) + heads[-1] + boundary <= 0:
         raise ValueError(f"{path}: the plain network's cost (sum of segments + last head) must be > 0")
-    return _cost_model(seg, heads, metric, str(path), device=data.get("device"), backend=data.get("backend"))
+    return CostModel(tuple(seg), tuple(heads), boundary, metric, str(path), data.get("device"), data.get("backend"),
+                     timings)
 
 
-def resolve_costs(model, costs_path: Optional[Path | str] = None, cost_metric: Optional[str] = None) -> CostModel:
+def resolve_costs(model, costs_path: Optional[Path | str] = None, cost_metric: Optional[str] = None,
+                  stage_overhead: Optional[float] = None) -> CostModel:
+    """MACs plus ``stage_overhead`` (default ``DEFAULT_STAGE_OVERHEAD``) without ``costs_path``, else the file."""
     if costs_path is None:
         if cost_metric is not None:
             raise ValueError("--cost-metric needs --costs costs.json (without it, costs are the model's MACs)")
-        return model_costs(model)
+        return model_costs(model, DEFAULT_STAGE_OVERHEAD if stage_overhead is None else stage_overhead)
+    if stage_overhead is not None:
+        raise ValueError("--stage-overhead is in MACs and prices MAC costs; with --costs the per-call overhead is the "
+                         "file's measured 'boundary' (edgeexit-costs/2)")
     return load_costs(costs_path, model.num_exits, cost_metric)
 
 
@@ -171,17 +259,17 @@ def resolve_costs(model, costs_path: Optional[Path | str] = None, cost_metric: O
 # gates and scores
 # ----------------------------------------------------------------------------------------------------------------
 def parse_gates(text: Optional[str | Sequence[str]]) -> List[str]:
-    """``"all"`` / None -> every gate; else a comma-separated list (order of ``gates.GATE_NAMES``)."""
+    """``"all"`` / None -> every gate; else a comma-separated list (order of ``gates.GATES``)."""
     if text is None or (isinstance(text, str) and text.strip().lower() in ("", "all")):
-        return list(G.GATE_NAMES)
+        return list(G.GATES)
     names = [t.strip() for t in text.split(",")] if isinstance(text, str) else [str(t).strip() for t in text]
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in G.GATE_NAMES]
+    unknown = [n for n in names if n not in G.GATES]
     if unknown:
-        raise ValueError(f"unknown gate {unknown[0]!r}; choose from all, {', '.join(G.GATE_NAMES)}")
+        raise ValueError(f"unknown gate {unknown[0]!r}; choose from all, {', '.join(G.GATES)}")
     if not names:
         raise ValueError("--gates names no gate")
-    return [g for g in G.GATE_NAMES if g in names]
+    return [g for g in G.GATES if g in names]
 
 
 def fit_temperatures(logits: np.ndarray, labels: np.ndarray) -> List[float]:
@@ -198,44 +286,115 @@ def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     return ids
 
 
-def fit_learned(signals: np.ndarray, patience: np.ndarray, correct: np.ndarray, folds: int = 5, seed: int = 0,
-                l2: float = 1e-2) -> tuple[np.ndarray, List[Dict[str, Any]]]:
-    """The learned gate of every internal exit, cross-fitted.
+def cross_fit(features: np.ndarray, target: np.ndarray, fold_ids: np.ndarray,
+              l2: float = 1e-2) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """One learned gate, cross-fitted: ``(oof, params)``. ``oof`` float64 (n,): each sample scored by the
+    ``fit_logistic`` model fitted without its fold (``fold_ids``); ``params``: fitted on all the data (what the
+    policy and the runtime use). With a single fold the scores are in-sample."""
+    full = G.fit_logistic(features, target, l2=l2)
+    n_folds = int(fold_ids.max()) + 1 if fold_ids.size else 0
+    if n_folds < 2:
+        return G.logistic_score(features, full), full
+    oof = np.zeros(features.shape[0], dtype=np.float64)
+    for f in range(n_folds):
+        test = fold_ids == f
+        oof[test] = G.logistic_score(features[test], G.fit_logistic(features[~test], target[~test], l2=l2))
+    return oof, full
 
-    Returns ``(oof, params)``: ``oof`` float64 (n, E - 1) out-of-fold probabilities (each sample scored by the
-    model fitted without its fold; K = min(folds, n) folds, seeded), and ``params``: E - 1 ``fit_logistic`` dicts
-    fitted on all the data (what the policy and the runtime use). With fewer than 2 samples or ``folds < 2`` the
-    scores are in-sample.
+
+Chain = Tuple[int, ...]  # the kept internal exits before an exit, in order
+
+
+class ScoreColumns:
+    """Every gate's raw score, orientation and AUROC at one exit of a chain, cached by what it depends on.
+
+    Exit i's score depends on the kept exits before it (``prefix``) only through what the gate reads
+    (``gates.GATES``): softmax and saliency gates on nothing, the coherence gates on the previous kept exit
+    (``prefix[-1]``), patience and the learned gate on the whole prefix (patience counts agreeing kept exits).
+    So 64 subsets of 7 exits need at most 6 + 21 + 63 distinct columns per gate family, not 64 x 6.
     """
-    n, e = correct.shape
-    k_int = e - 1
-    oof = np.zeros((n, k_int), dtype=np.float64)
-    params: List[Dict[str, Any]] = []
-    ids = _fold_ids(n, folds, seed)
-    n_folds = int(ids.max()) + 1 if n else 0
-    for i in range(k_int):
-        x = G.gate_features(signals[:, i], patience[:, i])
-        y = correct[:, i]
-        full = G.fit_logistic(x, y, l2=l2)
-        params.append(full)
-        if n_folds < 2:
-            oof[:, i] = G.logistic_score(x, full)
-            continue
-        for f in range(n_folds):
-            test = ids == f
-            fitted = G.fit_logistic(x[~test], y[~test], l2=l2)
-            oof[test, i] = G.logistic_score(x[test], fitted)
-    return oof, params
+
+    def __init__(self, outputs, temperatures: Sequence[float], folds: int = 5, seed: int = 0, l2: float = 1e-2):
+        self.outputs = outputs
+        self.temperatures = [float(t) for t in temperatures]
+        self.classes = outputs.classes
+        self.correct = outputs.correct
+        self.fold_ids = _fold_ids(len(outputs), folds, seed)
+        self.n_folds = int(self.fold_ids.max()) + 1 if len(outputs) else 0
+        self.l2 = l2
+        self._cache: Dict[tuple, Any] = {}
+
+    def _memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def patience(self, i: int, prefix: Chain) -> np.ndarray:
+        """Patience at exit i after the kept exits ``prefix``, int64 (n,): ``gates.next_patience`` along the chain,
+        as the runtime counts it."""
+        if not prefix:
+            return G.next_patience(None, None, self.classes[:, i])
+
+        def compute() -> np.ndarray:
+            prev = prefix[-1]
+            return G.next_patience(self.patience(prev, prefix[:-1]), self.classes[:, prev], self.classes[:, i])
+
+        return self._memo(("patience", i, prefix), compute)
+
+    def signals(self, i: int, prefix: Chain) -> np.ndarray:
+        """The 7 signals of exit i after ``prefix``, float32 (n, 7) (``ExitOutputs.exit_signals``)."""
+        return self.outputs.exit_signals(i, prefix[-1] if prefix else None, self.temperatures)
+
+    def learned(self, i: int, prefix: Chain) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """``cross_fit`` of the learned gate at exit i after ``prefix``: (out-of-fold scores, params)."""
+        def compute():
+            x = G.gate_features(self.signals(i, prefix), self.patience(i, prefix))
+            return cross_fit(x, self.correct[:, i], self.fold_ids, self.l2)
+
+        return self._memo(("learned", i, prefix), compute)
+
+    def raw(self, gate: str, i: int, prefix: Chain) -> np.ndarray:
+        """Raw (unoriented) calibration score of ``gate`` at exit i, float64 (n,); the learned gate's is out-of-fold."""
+        if gate == "learned":
+            return self.learned(i, prefix)[0]
+        if gate == "patience":
+            return self.patience(i, prefix).astype(np.float64)
+        return self.signals(i, prefix)[:, G.SIGNAL_NAMES.index(gate)].astype(np.float64)
+
+    def oriented(self, gate: str, i: int, prefix: Chain) -> Tuple[np.ndarray, float, float]:
+        """``(sign * raw, sign, auroc)`` of ``gate`` at exit i (``thresholds.orient``)."""
+        spec = G.gate_spec(gate)
+        if spec.needs_patience:
+            depends: tuple = prefix
+        elif spec.needs_prev_cam:
+            depends = prefix[-1:]
+        else:
+            depends = ()
+
+        def compute():
+            raw = self.raw(gate, i, prefix)
+            signs, aucs = orient(raw[:, None], self.correct[:, i:i + 1])
+            return raw * signs[0], float(signs[0]), float(aucs[0])
+
+        return self._memo(("oriented", gate, i, depends), compute)
+
+    def learned_params(self, exits: Sequence[int]) -> List[Optional[Dict[str, Any]]]:
+        """The learned gate's params of the chain keeping ``exits`` (E - 1 entries, None where not kept)."""
+        e = self.outputs.num_exits
+        out: List[Optional[Dict[str, Any]]] = [None] * (e - 1)
+        for j, k in enumerate(exits):
+            out[k] = self.learned(k, tuple(exits[:j]))[1]
+        return out
 
 
-def raw_scores(gate: str, signals: np.ndarray, patience: np.ndarray,
-               learned: Optional[Sequence[Dict[str, Any]]] = None) -> np.ndarray:
-    """Raw (unoriented) score of ``gate`` at every internal exit, float64 (n, E - 1), via ``gates.gate_score``."""
-    e = signals.shape[1]
-    out = np.zeros((signals.shape[0], e - 1), dtype=np.float64)
-    for i in range(e - 1):
-        params = learned[i] if learned is not None else None
-        out[:, i] = G.gate_score(gate, signals[:, i], patience[:, i], params)
+def policy_scores(policy: ExitPolicy, signals: np.ndarray, patience: np.ndarray) -> np.ndarray:
+    """Oriented gate scores of ``policy`` at every internal exit, float64 (n, E - 1), from ``signals`` and
+    ``patience`` of the policy's chain (``ExitOutputs.signals(temps, policy.exits)``, ``patience_for``); nan at
+    the exits the policy does not keep."""
+    e = policy.num_exits
+    out = np.full((signals.shape[0], e - 1), np.nan)
+    for i in policy.kept_internal:
+        out[:, i] = policy.oriented_score(i, signals[:, i], patience[:, i])
     return out
 
 
@@ -262,7 +421,7 @@ def _nan_mean(values: Sequence[float]) -> float:
 class CalibrationResult:
     calibration: Dict[str, Any]
     policy: Dict[str, Any]
-    oriented: Dict[str, np.ndarray] = field(default_factory=dict)  # gate -> oriented calibration scores (n, E-1)
+    oriented: Dict[str, np.ndarray] = field(default_factory=dict)  # gate -> oriented scores at its kept exits
 
 
 def _target_dict(final_acc: float, max_drop: Optional[float], budget: Optional[float]) -> Dict[str, Any]:
@@ -281,17 +440,126 @@ def _meets(target: Dict[str, Any], accuracy: float, cost_fraction: float) -> boo
     return accuracy >= target["accuracy"] - tol
 
 
-def _pick_winner(stats: Dict[str, Dict[str, Any]], target: Dict[str, Any]) -> str:
-    names = list(stats)
-    order = {g: k for k, g in enumerate(names)}
-    ok = [g for g in names if stats[g]["meets_target"]]
+def _best_index(accuracy: Sequence[float], cost: Sequence[float], meets: Sequence[bool],
+                target: Dict[str, Any]) -> int:
+    """The candidate a target picks: accuracy target -> the cheapest that meets it (else the most accurate);
+    budget -> the most accurate within it (else the cheapest). Remaining ties go to the earlier candidate."""
+    idx = range(len(accuracy))
+    ok = [k for k in idx if meets[k]]
     if target["kind"] == "accuracy":
         if ok:
-            return min(ok, key=lambda g: (stats[g]["mean_cost"], -stats[g]["accuracy"], order[g]))
-        return max(names, key=lambda g: (stats[g]["accuracy"], -stats[g]["mean_cost"], -order[g]))
+            return min(ok, key=lambda k: (cost[k], -accuracy[k], k))
+        return max(idx, key=lambda k: (accuracy[k], -cost[k], -k))
     if ok:
-        return max(ok, key=lambda g: (stats[g]["accuracy"], -stats[g]["mean_cost"], -order[g]))
-    return min(names, key=lambda g: (stats[g]["mean_cost"], -stats[g]["accuracy"], order[g]))
+        return max(ok, key=lambda k: (accuracy[k], -cost[k], -k))
+    return min(idx, key=lambda k: (cost[k], -accuracy[k], k))
+
+
+def _pick_winner(stats: Dict[str, Dict[str, Any]], target: Dict[str, Any]) -> str:
+    names = list(stats)
+    k = _best_index([stats[g]["accuracy"] for g in names], [stats[g]["mean_cost"] for g in names],
+                    [stats[g]["meets_target"] for g in names], target)
+    return names[k]
+
+
+@dataclass
+class _Trial:
+    """One gate on one subset of exits: its threshold path and the point the target picks."""
+
+    exits: Chain
+    path: List[PathPoint]
+    point: PathPoint
+    meets: bool
+
+
+def _oriented_columns(cols: ScoreColumns, gate: str, exits: Chain) -> Tuple[np.ndarray, List[float], List[float]]:
+    """Oriented scores (n, len(exits)), signs and AUROCs of ``gate`` at the kept internal ``exits``."""
+    parts = [cols.oriented(gate, k, exits[:j]) for j, k in enumerate(exits)]
+    scores = np.stack([p[0] for p in parts], axis=1) if parts else np.zeros((len(cols.outputs), 0))
+    return scores, [p[1] for p in parts], [p[2] for p in parts]
+
+
+def _try_subset(cols: ScoreColumns, gate: str, exits: Chain, costs: CostModel, target: Dict[str, Any],
+                n_candidates: int) -> _Trial:
+    kept = exits + (cols.outputs.num_exits - 1,)
+    scores, _, _ = _oriented_columns(cols, gate, exits)
+    path = greedy_path(scores, cols.correct[:, kept], costs.fractions(exits), n_candidates=n_candidates,
+                       reference_cost=1.0)
+    if target["kind"] == "budget":
+        point = choose(path, budget=target["budget"])
+    else:
+        point = choose(path, target_accuracy=target["accuracy"])
+    return _Trial(exits, path, point, _meets(target, point.accuracy, point.mean_cost))
+
+
+def _spread(values: Sequence[float], exits: Chain, num_exits: int, fill: float) -> List[float]:
+    """Values at the kept internal ``exits`` -> a list over all E - 1 internal exits, ``fill`` elsewhere."""
+    out = [float(fill)] * (num_exits - 1)
+    for k, v in zip(exits, values):
+        out[k] = float(v)
+    return out
+
+
+def _policy_of(cols: ScoreColumns, gate: str, trial: _Trial) -> ExitPolicy:
+    """The ExitPolicy of ``gate`` at the point a trial chose on its chain."""
+    e = cols.outputs.num_exits
+    _, signs, _ = _oriented_columns(cols, gate, trial.exits)
+    return ExitPolicy(gate=gate, thresholds=_spread(trial.point.thresholds, trial.exits, e, math.inf),
+                      signs=_spread(signs, trial.exits, e, 1.0), temperatures=cols.temperatures,
+                      learned=cols.learned_params(trial.exits), exits=list(trial.exits))
+
+
+def _gate_stats(cols: ScoreColumns, gate: str, trials: List[_Trial], best: _Trial, every: _Trial, costs: CostModel,
+                target: Dict[str, Any], final_acc: float) -> Tuple[Dict[str, Any], np.ndarray]:
+    """Statistics of a gate: its chosen chain (``best``: policy, operating point, histogram, curve) and, to compare
+    gates on an equal footing, the chain that keeps every exit (``every``: AUROC per exit, curve area)."""
+    e = cols.outputs.num_exits
+    exits = best.exits
+    kept = exits + (e - 1,)
+    scores, signs, kept_aucs = _oriented_columns(cols, gate, exits)
+    frac = costs.fractions(exits)
+    pos, acc, mean_cost = simulate(scores, cols.correct[:, kept], frac, best.point.thresholds)
+    ex = np.asarray(kept)[pos]
+    policy = _policy_of(cols, gate, best)
+    _, _, all_aucs = _oriented_columns(cols, gate, every.exits)
+    stats = {
+        "family": G.gate_spec(gate).family,
+        "exits": [int(k) for k in exits],
+        "policy": policy.to_dict(),
+        "accuracy": float(acc),
+        "mean_cost": float(mean_cost),
+        "drop": 100.0 * (final_acc - float(acc)),
+        "histogram": [int(v) for v in np.bincount(ex, minlength=e)],
+        "stage_cost": [float(v) for v in frac],
+        "kept_auroc": _spread(kept_aucs, exits, e, math.nan),
+        "auroc": [float(a) for a in all_aucs],
+        "mean_auroc": _nan_mean(all_aucs),
+        "signs": [float(s) for s in policy.signs],
+        "direction": direction(signs),
+        "meets_target": _meets(target, float(acc), float(mean_cost)),
+        "path": [[float(p.mean_cost), float(p.accuracy)] for p in best.path],
+        "path_thresholds": [_spread(p.thresholds, exits, e, math.inf) for p in best.path],
+        "auc": accuracy_cost_auc([p.mean_cost for p in every.path], [p.accuracy for p in every.path], full_cost=1.0),
+        "all_exits": {
+            "policy": _policy_of(cols, gate, every).to_dict(),
+            "path": [[float(p.mean_cost), float(p.accuracy)] for p in every.path],
+            "path_thresholds": [[float(t) for t in p.thresholds] for p in every.path],
+        },
+        "cross_fitted": gate == "learned" and cols.n_folds >= 2,
+        "subsets": [{"exits": list(t.exits), "mean_cost": float(t.point.mean_cost), "accuracy": float(t.point.accuracy),
+                     "meets_target": bool(t.meets)} for t in trials],
+    }
+    return stats, scores
+
+
+def _subsets(num_exits: int, exits: Optional[Sequence[int]], max_kept: Optional[int]) -> List[Chain]:
+    if exits is not None:
+        if max_kept is not None:
+            raise ValueError("give --exits or --max-kept, not both")
+        return [stages.normalize_exits(exits, num_exits)]
+    if max_kept is not None and int(max_kept) < 0:
+        raise ValueError(f"--max-kept must be >= 0, got {max_kept}")
+    return list(stages.internal_subsets(num_exits, max_kept))
 
 
 def calibrate_outputs(
@@ -305,9 +573,12 @@ def calibrate_outputs(
     seed: int = 0,
     n_candidates: int = 64,
     temperatures: Optional[Sequence[float]] = None,
+    exits: Optional[Sequence[int]] = None,
+    max_kept: Optional[int] = None,
 ) -> CalibrationResult:
     """Calibrate every gate on collected ``ExitOutputs`` (labels known). ``max_drop`` in accuracy points
-    (default 1.0) or ``budget`` (mean cost as a fraction of the plain network): not both."""
+    (default 1.0) or ``budget`` (mean cost as a fraction of the plain network): not both. Every subset of the
+    internal exits is tried (at most ``max_kept`` exits each), or only ``exits`` when given (``()``: none)."""
     if max_drop is not None and budget is not None:
         raise ValueError("give --max-drop or --budget, not both")
     if budget is not None and not (math.isfinite(budget) and budget > 0):
@@ -322,57 +593,32 @@ def calibrate_outputs(
     if np.any(outputs.labels < 0):
         raise ValueError("calibration needs labelled images")
     gate_names = parse_gates(gate_names)
-    frac = costs.fraction
-    if frac.shape[0] != e:
-        raise ValueError(f"costs have {frac.shape[0]} exits, the model {e}")
+    if costs.num_exits != e:
+        raise ValueError(f"costs have {costs.num_exits} exits, the model {e}")
+    subsets = _subsets(e, exits, max_kept)
 
     temps = list(temperatures) if temperatures is not None else fit_temperatures(outputs.logits, outputs.labels)
-    signals = outputs.signals(temps)
-    patience = outputs.patience
-    correct = outputs.correct
-    exit_acc = correct.mean(axis=0)
+    cols = ScoreColumns(outputs, temps, folds, seed)
+    exit_acc = cols.correct.mean(axis=0)
     final_acc = float(exit_acc[-1])
     target = _target_dict(final_acc, max_drop, budget)
-    oracle_cost, oracle_acc = oracle(correct, frac)
+    oracle_cost, oracle_acc = oracle(cols.correct, costs.single_exit_fractions())
 
-    oof, learned = fit_learned(signals, patience, correct, folds, seed)
-    n_folds = int(_fold_ids(n, folds, seed).max()) + 1
+    started = time.perf_counter()
     stats: Dict[str, Dict[str, Any]] = {}
     oriented_all: Dict[str, np.ndarray] = {}
+    every_exit = tuple(range(e - 1))
     for gate in gate_names:
-        raw = oof if gate == "learned" else raw_scores(gate, signals, patience)
-        signs, aucs = orient(raw, correct)
-        oriented = raw * signs[None, :]
-        path: List[PathPoint] = greedy_path(oriented, correct, frac, n_candidates=n_candidates, reference_cost=1.0)
-        if target["kind"] == "budget":
-            point = choose(path, budget=target["budget"])
-        else:
-            point = choose(path, target_accuracy=target["accuracy"])
-        ex, acc, mean_cost = simulate(oriented, correct, frac, point.thresholds)
-        policy = ExitPolicy(gate=gate, thresholds=list(point.thresholds), signs=[float(s) for s in signs],
-                            temperatures=[float(t) for t in temps], learned=learned)
-        auc_list = [float(a) for a in aucs]
-        stats[gate] = {
-            "family": GATE_FAMILY.get(gate, gate),
-            "policy": policy.to_dict(),
-            "accuracy": float(acc),
-            "mean_cost": float(mean_cost),
-            "drop": 100.0 * (final_acc - float(acc)),
-            "histogram": [int(v) for v in np.bincount(ex, minlength=e)],
-            "auroc": auc_list,
-            "mean_auroc": _nan_mean(auc_list),
-            "signs": [float(s) for s in signs],
-            "direction": direction(signs),
-            "meets_target": _meets(target, float(acc), float(mean_cost)),
-            "path": [[float(p.mean_cost), float(p.accuracy)] for p in path],
-            "path_thresholds": [[float(t) for t in p.thresholds] for p in path],
-            "auc": accuracy_cost_auc([p.mean_cost for p in path], [p.accuracy for p in path], full_cost=float(frac[-1])),
-            "cross_fitted": gate == "learned" and n_folds >= 2,
-        }
-        oriented_all[gate] = oriented
+        trials = [_try_subset(cols, gate, s, costs, target, n_candidates) for s in subsets]
+        best = trials[_best_index([t.point.accuracy for t in trials], [t.point.mean_cost for t in trials],
+                                  [t.meets for t in trials], target)]
+        every = next((t for t in trials if t.exits == every_exit), None)
+        if every is None:  # forced or capped subsets: the reference chain is searched on its own
+            every = _try_subset(cols, gate, every_exit, costs, target, n_candidates)
+        stats[gate], oriented_all[gate] = _gate_stats(cols, gate, trials, best, every, costs, target, final_acc)
     winner = _pick_winner(stats, target)
     calibration = {
-        "version": 1,
+        "version": 2,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "n": int(n),
         "target": target,
@@ -381,8 +627,11 @@ def calibrate_outputs(
         "temperatures": [float(t) for t in temps],
         "exit_accuracy": [float(a) for a in exit_acc],
         "oracle": {"mean_cost": float(oracle_cost), "accuracy": float(oracle_acc)},
-        "folds": n_folds,
+        "folds": cols.n_folds,
         "n_candidates": int(n_candidates),
+        "subset_search": {"forced": None if exits is None else [int(k) for k in subsets[0]],
+                          "max_kept": None if max_kept is None else int(max_kept), "subsets": len(subsets),
+                          "seconds": round(time.perf_counter() - started, 3)},
         "gates": stats,
         "winner": winner,
     }
@@ -402,6 +651,9 @@ def calibrate(
     cost_metric: Optional[str] = None,
     data: Optional[Path | str] = None,
     gates: Optional[str | Sequence[str]] = "all",
+    stage_overhead: Optional[float] = None,
+    exits: Optional[str | Sequence[int]] = None,
+    max_kept: Optional[int] = None,
     folds: int = 5,
     seed: int = 0,
     batch_size: int = 256,
@@ -410,7 +662,11 @@ def calibrate(
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """Calibrate a checkpoint's exit gates on its calibration split and write ``policy`` and ``calibration``
-    into it (atomically; ``out`` writes a new checkpoint instead). Returns the calibration dict."""
+    into it (atomically; ``out`` writes a new checkpoint instead). Returns the calibration dict.
+
+    ``stage_overhead``: MACs per engine call when costs are MACs (default ``DEFAULT_STAGE_OVERHEAD``); ``exits``:
+    force the kept internal exits ("2,4", "none" or a list) instead of searching every subset; ``max_kept``: try
+    only subsets of at most that many internal exits."""
     from .checkpoint import load_model, save_checkpoint
     from .collect import calibration_images, collect
     from .preprocess import Preprocess
@@ -421,7 +677,10 @@ def calibrate(
     model, ckpt = load_model(ckpt_path)
     if model.num_exits < 2:
         raise ValueError(f"{ckpt_path} has a single exit: there is nothing to gate")
-    costs = resolve_costs(model, costs_path, cost_metric)
+    costs = resolve_costs(model, costs_path, cost_metric, stage_overhead)
+    forced = stages.parse_exits(exits, model.num_exits) if isinstance(exits, str) else (
+        None if exits is None else stages.normalize_exits(exits, model.num_exits))
+    _subsets(model.num_exits, forced, max_kept)  # fail before the model pass
     images = calibration_images(ckpt, data, progress=progress)
     root = data if data is not None else (ckpt.get("split") or {}).get("data")
     log(f"calibration split: {len(images)} held-out images of {root}"
@@ -431,7 +690,9 @@ def calibrate(
     outputs = collect(model, images.images, images.labels, preprocess, batch_size, dev, progress,
                       description="calibration split")
     result = calibrate_outputs(outputs, costs, max_drop=max_drop, budget=budget, gate_names=gate_names,
-                               folds=folds, seed=seed)
+                               folds=folds, seed=seed, exits=forced, max_kept=max_kept)
+    search = result.calibration["subset_search"]
+    log(f"searched {search['subsets']} exit subset(s) x {len(gate_names)} gate(s) in {search['seconds']:.1f} s")
     split = ckpt.get("split") or {}
     result.calibration["split"] = {
         "data": str(Path(data).resolve()) if data is not None else split.get("data"),
@@ -459,14 +720,24 @@ def _pct(x: float) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
 
 
-def histogram_text(hist: Sequence[int]) -> str:
-    """Share of samples per exit in percent, e.g. ``"62 18 5 15"``."""
+def exits_text(exits: Optional[Sequence[int]]) -> str:
+    """Kept internal exits for a table cell: ``"1,3"``, ``"none"`` (plain network), ``"all"`` (None)."""
+    if exits is None:
+        return "all"
+    return ",".join(str(int(k)) for k in exits) or "none"
+
+
+def histogram_text(hist: Sequence[int], exits: Optional[Sequence[int]] = None) -> str:
+    """Share of samples per exit in percent, e.g. ``"62 18 5 15"``; ``-`` at the exits a chain that keeps the
+    internal ``exits`` does not have (None: every exit is kept)."""
     total = max(1, sum(hist))
-    return " ".join(f"{round(100 * h / total):d}" for h in hist)
+    kept = stages.kept_exits(exits, len(hist))
+    return " ".join(f"{round(100 * h / total):d}" if i in kept else "-" for i, h in enumerate(hist))
 
 
 def print_calibration(cal: Dict[str, Any], console=None) -> None:
-    """One row per gate: mean cost, accuracy, drop, exit histogram, mean AUROC, direction; the winner marked."""
+    """One row per gate: kept exits, mean cost, accuracy, drop, exit histogram, mean AUROC, direction; the winner
+    marked."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -476,20 +747,26 @@ def print_calibration(cal: Dict[str, Any], console=None) -> None:
     goal = (f"accuracy >= {100 * t['accuracy']:.2f}% (final exit {100 * t['final_accuracy']:.2f}% - "
             f"{t['max_drop']:g} pts)" if t["kind"] == "accuracy" else f"mean cost <= {100 * t['budget']:.1f}% of the plain network")
     costs = cal["costs"]
+    overhead = f"{costs.get('boundary') or 0:g} {costs['unit']} per stage"
     table = Table(title=f"Exit gates calibrated on {cal['n']} images: target {goal}", box=box.SIMPLE_HEAVY,
-                  caption=f"cost = mean {costs['unit']} as % of the plain network ({costs['source']}); * = winner, "
+                  caption=f"exits = kept internal exits (each ends a stage; the last exit is always kept), chosen "
+                          f"per gate; cost = mean {costs['unit']} as % of the plain network ({costs['source']}; "
+                          f"{overhead}); * = winner, "
                           f"x = misses the target; drop = points below the final exit; exits % = share of images "
-                          f"leaving at each exit; AUROC = mean over internal exits of predicting a right answer; "
-                          f"right if = a higher or lower score means right (per exit when mixed); oracle: "
+                          f"leaving at each exit (- = not kept); AUROC = mean over internal exits of predicting a "
+                          f"right answer (every exit kept, comparable across gates); right if = a higher or lower "
+                          f"score means right (per kept exit when mixed); oracle (each image straight to its "
+                          f"earliest right exit): "
                           f"{_pct(cal['oracle']['mean_cost'])}% cost at {_pct(cal['oracle']['accuracy'])}% accuracy")
-    for col, just in (("gate", "left"), ("cost %", "right"), ("acc %", "right"), ("drop", "right"),
+    for col, just in (("gate", "left"), ("exits", "left"), ("cost %", "right"), ("acc %", "right"), ("drop", "right"),
                       ("exits %", "right"), ("AUROC", "right"), ("right if", "left"), ("", "left")):
         table.add_column(col, justify=just, no_wrap=True)
     for name, g in cal["gates"].items():
         won = name == cal["winner"]
         style = "bold green" if won else (None if g["meets_target"] else "dim")
         table.add_row(
-            name, _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:+.1f}", histogram_text(g["histogram"]),
+            name, exits_text(g.get("exits")), _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:+.1f}",
+            histogram_text(g["histogram"], g.get("exits")),
             "-" if not math.isfinite(g["mean_auroc"]) else f"{g['mean_auroc']:.3f}",
             g["direction"], "*" if won else ("" if g["meets_target"] else "x"),
             style=style,

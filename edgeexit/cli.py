@@ -13,6 +13,9 @@ from typing import List, Optional
 import typer
 
 from .imageio import DEFAULT_MAX_PIXELS
+from .gates import GATE_NAMES
+
+GATE_LIST = ", ".join(GATE_NAMES)  # help texts name the gates of the registry (edgeexit.gates.GATES)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Early-exit CNN classifiers for edge cameras.")
@@ -20,14 +23,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Exceptions that mean "bad input or environment": printed as one line, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError)
 
-
-def _gate_list() -> str:
-    from .gates import GATES  # numpy only: cheap enough for --help
-
-    return ", ".join(GATES)
-
-
-GATE_LIST = _gate_list()
 
 
 @app.callback(invoke_without_command=True)
@@ -150,13 +145,23 @@ def calibrate(
     budget: Optional[float] = typer.Option(None, "--budget", help="Target instead: the most accurate policy whose mean "
                                            "cost is at most this fraction of the plain network (e.g. 0.5)."),
     costs: Optional[Path] = typer.Option(None, "--costs", help="costs.json from edgeexit profile (measured per-segment "
-                                         "costs) [default: the model's MACs]."),
+                                         "and per-head costs and, in edgeexit-costs/2, the per-call overhead) "
+                                         "[default: the model's MACs]."),
     cost_metric: Optional[str] = typer.Option(None, "--cost-metric", help="latency_ms or energy_mj: which measured "
                                               "cost of --costs to use [default: the file's metric]."),
     data: Optional[Path] = typer.Option(None, "--data", help="The training folder, if it moved since training (the "
                                         "calibration split is re-derived from it; never a test folder)."),
-    gates: str = typer.Option("all", "--gates", help="Gates to calibrate: all, or a list of max_prob, margin, "
-                              "entropy_conf, sal_entropy, sal_spread, coh_cosine, coh_ssim, patience, learned."),
+    gates: str = typer.Option("all", "--gates", help=f"Gates to calibrate: all, or a list of {GATE_LIST}."),
+    stage_overhead: Optional[float] = typer.Option(None, "--stage-overhead", help="Cost of one engine call (one "
+                                                   "stage) in MAC-equivalents, added per stage run when costs are "
+                                                   "MACs. The default 2000000 is ~25-30 us, the per-call overhead "
+                                                   "of ONNX Runtime on a 2-core x86 CPU at ~70 GMAC/s; with --costs "
+                                                   "the file's measured overhead is used instead. [default: 2000000]"),
+    exits: Optional[str] = typer.Option(None, "--exits", help="Keep these internal exits (e.g. 2,4; none = the plain "
+                                        "network) instead of choosing, per gate, the cheapest subset that meets "
+                                        "the target."),
+    max_kept: Optional[int] = typer.Option(None, "--max-kept", help="Try only subsets of at most this many internal "
+                                           "exits."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the calibrated checkpoint here [default: update CKPT "
                                        "in place, atomically]."),
     folds: int = typer.Option(5, help="Cross-fitting folds of the learned gate."),
@@ -164,8 +169,8 @@ def calibrate(
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Fit temperatures, orient every exit gate and search its per-exit thresholds on the calibration split;
-    write the winning policy (and every gate's) into the checkpoint."""
+    """Fit temperatures, orient every exit gate and choose, per gate, the internal exits to keep and their
+    thresholds on the calibration split; write the winning policy (and every gate's) into the checkpoint."""
     _need_torch("calibrate")
     from .calibrate import calibrate as run_calibration, print_calibration
     from .checkpoint import CheckpointError
@@ -176,7 +181,8 @@ def calibrate(
     try:
         with one_line_warnings():
             cal = run_calibration(ckpt, out=out, max_drop=max_drop, budget=budget, costs_path=costs,
-                                  cost_metric=cost_metric, data=data, gates=gates, folds=folds, batch_size=batch_size,
+                                  cost_metric=cost_metric, data=data, gates=gates, stage_overhead=stage_overhead,
+                                  exits=exits, max_kept=max_kept, folds=folds, batch_size=batch_size,
                                   device=device, progress=not quiet and sys.stderr.isatty(),
                                   log=lambda m: typer.echo(m, err=True))
     except (CheckpointError, *USER_ERRORS) as exc:
@@ -184,7 +190,10 @@ def calibrate(
     except KeyboardInterrupt:
         fail("interrupted; the checkpoint is unchanged", 130)
     print_calibration(cal)
-    typer.echo(f"policy: gate {cal['winner']} written to {cal['written_to']}")
+    from .calibrate import exits_text
+
+    typer.echo(f"policy: gate {cal['winner']} (exits {exits_text(cal['gates'][cal['winner']].get('exits'))}) "
+               f"written to {cal['written_to']}")
 
 
 @app.command()

@@ -17,8 +17,10 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from . import gates
+from . import gates, stages
 from .preprocess import Preprocess
+
+_COHERENCE = [gates.SIGNAL_NAMES.index("coh_cosine"), gates.SIGNAL_NAMES.index("coh_ssim")]
 
 __all__ = ["ExitOutputs", "collect", "calibration_images", "labelled_images", "one_line_warnings", "progress_bar"]
 
@@ -83,26 +85,85 @@ class ExitOutputs:
             return np.full(self.num_exits, np.nan)
         return self.correct.mean(axis=0).astype(np.float64)
 
-    def signals(self, temperatures: Sequence[float] | None = None, chunk: int = 4096) -> np.ndarray:
-        """All 7 gate signals of every exit, float32 (n, E, 7), via ``gates.exit_signals``.
+    def patience_for(self, exits: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Patience along the chain that keeps the internal ``exits`` (None: all), int64 (n, E); 0 at exits that
+        are not kept (``gates.kept_patience``)."""
+        return gates.kept_patience(self.classes, stages.kept_exits(exits, self.num_exits))
 
-        The previous map of exit i is the CAM of exit i - 1 (None at exit 0); exit i's softmax uses
-        ``temperatures[i]`` (all 1 when None). Results are cached per temperature vector.
+    def signals(self, temperatures: Sequence[float] | None = None, exits: Optional[Sequence[int]] = None,
+                chunk: int = 4096) -> np.ndarray:
+        """All 7 gate signals of every exit, float32 (n, E, 7), as ``gates.exit_signals`` computes them on the
+        chain that keeps the internal ``exits`` (None: every exit; ``edgeexit.stages``).
+
+        Exit i's softmax uses ``temperatures[i]`` (all 1 when None). The coherence signals of a kept exit compare
+        its CAM with the previous *kept* exit's (0 at the first kept exit); at exits that are not kept they are nan
+        (no stage computes them). What does not depend on the kept exits is computed once and cached: the
+        softmax columns per temperature vector, the saliency columns, and the coherence of every exit pair.
         """
+        temps = self._temperatures(temperatures)
+        kept = stages.kept_exits(exits, self.num_exits)
+        out = self._free_signals(temps, chunk).copy()
+        out[:, :, _COHERENCE] = np.nan
+        prev = None
+        for k in kept:
+            out[:, k, _COHERENCE] = self.coherence(prev, k, chunk)
+            prev = k
+        return out
+
+    def exit_signals(self, exit_index: int, prev_exit: Optional[int], temperatures: Sequence[float] | None = None,
+                     chunk: int = 4096) -> np.ndarray:
+        """The 7 signals of one exit when the previous kept exit is ``prev_exit`` (None: it is the first kept
+        exit), float32 (n, 7): one column block of ``signals`` without assembling the others."""
+        out = self._free_signals(self._temperatures(temperatures), chunk)[:, int(exit_index)].copy()
+        out[:, _COHERENCE] = self.coherence(prev_exit, int(exit_index), chunk)
+        return out
+
+    def coherence(self, prev_exit: Optional[int], exit_index: int, chunk: int = 4096) -> np.ndarray:
+        """``[coh_cosine, coh_ssim]`` of exit ``exit_index``'s CAM against exit ``prev_exit``'s, float32 (n, 2)
+        (``gates.map_coherence``; zeros when ``prev_exit`` is None). Cached per exit pair."""
+        i = int(exit_index)
+        if prev_exit is None:
+            return np.zeros((len(self), 2), dtype=np.float32)
+        j = int(prev_exit)
+        if not 0 <= j < i < self.num_exits:
+            raise ValueError(f"the previous kept exit must come before exit {i}, got {prev_exit}")
+        key = ("coherence", j, i)
+        if key not in self._signal_cache:
+            out = np.zeros((len(self), 2), dtype=np.float64)
+            for start in range(0, len(self), chunk):
+                sl = slice(start, start + chunk)
+                out[sl] = gates.map_coherence(self.cams[i][sl], self.cams[j][sl])
+            self._signal_cache[key] = out.astype(np.float32)
+        return self._signal_cache[key]
+
+    def _temperatures(self, temperatures: Sequence[float] | None) -> tuple:
         e = self.num_exits
         temps = tuple(float(t) for t in (temperatures if temperatures is not None else [1.0] * e))
         if len(temps) != e:
             raise ValueError(f"need {e} temperatures (one per exit), got {len(temps)}")
-        if temps in self._signal_cache:
-            return self._signal_cache[temps]
-        n = len(self)
-        out = np.zeros((n, e, len(gates.SIGNAL_NAMES)), dtype=np.float32)
-        for start in range(0, n, chunk):
-            sl = slice(start, start + chunk)
-            for i in range(e):
-                prev = self.cams[i - 1][sl] if i > 0 else None
-                out[sl, i] = gates.exit_signals(self.logits[sl, i], self.cams[i][sl], prev, temps[i])
-        self._signal_cache[temps] = out
+        return temps
+
+    def _free_signals(self, temps: tuple, chunk: int) -> np.ndarray:
+        """Softmax and saliency columns of every exit, float32 (n, E, 7), coherence columns 0: the part of the
+        signals that does not depend on which exits are kept. Cached per temperature vector."""
+        key = ("free", temps)
+        if key in self._signal_cache:
+            return self._signal_cache[key]
+        n, e = len(self), self.num_exits
+        if "saliency" not in self._signal_cache:
+            sal = np.zeros((n, e, 2), dtype=np.float64)
+            for start in range(0, n, chunk):
+                sl = slice(start, start + chunk)
+                for i in range(e):
+                    sal[sl, i, 0] = gates.spatial_entropy(self.cams[i][sl])
+                    sal[sl, i, 1] = gates.spatial_spread(self.cams[i][sl])
+            self._signal_cache["saliency"] = sal
+        out = np.zeros((n, e, len(gates.SIGNAL_NAMES)), dtype=np.float64)
+        out[:, :, 3:5] = self._signal_cache["saliency"]
+        for i in range(e):
+            out[:, i, 0:3] = gates.softmax_signals(self.logits[:, i], temps[i])
+        out = out.astype(np.float32)
+        self._signal_cache[key] = out
         return out
 
     def subset(self, index: np.ndarray) -> "ExitOutputs":

@@ -3,14 +3,17 @@
 Everything here applies what calibration fixed (temperatures, signs, thresholds, learned weights); the evaluation
 data tunes nothing. For every calibrated gate:
 
-- the accuracy-vs-mean-cost curve: every point of the gate's calibration path (its per-exit thresholds) applied to
-  the evaluation data, and the area under it (``metrics.accuracy_cost_auc``, cost normalised to full depth);
-- the calibrated operating point (the gate's ``ExitPolicy``, as the runtime applies it): accuracy, mean cost,
-  exit histogram;
+- the accuracy-vs-mean-cost curve: every point of the gate's calibration path (its per-exit thresholds on its kept
+  exits) applied to the evaluation data; the area under the same kind of curve with every exit kept
+  (``metrics.accuracy_cost_auc``, cost as a fraction of the plain network), comparable across gates;
+- the calibrated operating point (the gate's ``ExitPolicy`` with its kept exits, as the runtime applies it): accuracy,
+  mean cost, exit histogram. Signals are those of the gate's chain (coherence against the previous kept exit,
+  patience over the kept exits, ``ExitOutputs.signals``) and costs follow the one cost rule (``stages.exit_costs``);
 - the failure-prediction AUROC per internal exit: how well the oriented score separates right from wrong answers
-  of that exit;
+  of that exit, with every exit kept (``kept_auroc``: at the gate's kept exits, null elsewhere);
 
-plus per-exit accuracy and the oracle (each image leaves at its earliest right exit). ``--corrupt`` repeats the
+plus per-exit accuracy, each exit's cost on its own (one stage straight to it) and the oracle (each image runs
+straight to its earliest right exit). ``--corrupt`` repeats the
 operating points on corrupted copies of the images (``edgeexit.corrupt``) at each severity, with the clean-
 calibrated thresholds. Outputs: a rich table, ``report.json`` (written atomically) and PNG plots.
 
@@ -18,7 +21,9 @@ report.json keys (schema ``edgeexit-report/1``; accuracies in [0, 1], costs as f
 non-finite numbers written as null):
 ``schema, created, edgeexit_version, checkpoint, data, n, skipped, limit, classes, costs, calibration, exit_accuracy,
 exit_cost, oracle, gates, winner, comparison, corruptions, plots``; each ``gates[name]``: ``family, accuracy,
-mean_cost, drop, histogram, auroc, mean_auroc, auc, curve, signs, thresholds, calibrated``.
+mean_cost, drop, histogram, auroc, mean_auroc, kept_auroc, auc, curve, signs, thresholds, exits, exit_cost,
+calibrated``
+(``exits``: the kept internal exits; ``exit_cost``: cost of leaving at each exit on that chain, null where not kept).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from .calibrate import GATE_FAMILY, CostModel, raw_scores, resolve_costs
+from .calibrate import CostModel, policy_scores, resolve_costs
+from .gates import gate_spec
 from .metrics import accuracy_cost_auc, auroc
 from .policy import ExitPolicy
 from .thresholds import oracle, simulate
@@ -45,8 +51,8 @@ REPORT_SCHEMA = "edgeexit-report/1"
 REPORT_KEYS = ("schema", "created", "edgeexit_version", "checkpoint", "data", "n", "skipped", "limit", "classes",
                "costs", "calibration", "exit_accuracy", "exit_cost", "oracle", "gates", "winner", "comparison",
                "corruptions", "plots")
-GATE_KEYS = ("family", "accuracy", "mean_cost", "drop", "histogram", "auroc", "mean_auroc", "auc", "curve", "signs",
-             "thresholds", "calibrated")
+GATE_KEYS = ("family", "accuracy", "mean_cost", "drop", "histogram", "auroc", "mean_auroc", "kept_auroc", "auc", "curve",
+             "signs", "thresholds", "exits", "exit_cost", "calibrated")
 CAM_FAMILIES = ("saliency", "coherence")
 
 
@@ -73,53 +79,67 @@ def _nan_mean(values: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # analysis of one set of outputs
 # ----------------------------------------------------------------------------------------------------------------
-def analyse(outputs, cal: Dict[str, Any], frac: np.ndarray, curves: bool = True) -> Dict[str, Any]:
-    """Per-exit accuracy, oracle and, for every calibrated gate, curve / operating point / AUROC on ``outputs``
-    (labelled ``ExitOutputs``), with calibration's temperatures, signs, thresholds and learned weights.
-    ``frac``: cost of leaving at each exit as a fraction of the plain network."""
-    frac = np.asarray(frac, dtype=np.float64)
-    n, e = len(outputs), outputs.num_exits
-    signals = outputs.signals(cal["temperatures"])
-    classes = outputs.classes
+def _chain(outputs, policy: ExitPolicy, costs: CostModel, path_thresholds) -> Dict[str, Any]:
+    """``policy`` on ``outputs`` as its stages compute it: oriented scores (nan where not kept), the exit of every
+    image, the AUROC per internal exit (nan where not kept) and the curve of ``path_thresholds`` (E - 1 each)."""
     correct = outputs.correct
-    patience = outputs.patience
+    signals = outputs.signals(policy.temperatures, policy.exits)
+    oriented = policy_scores(policy, signals, outputs.patience_for(policy.exits))
+    aurocs = []
+    for i in range(outputs.num_exits - 1):
+        keep = np.isfinite(oriented[:, i])
+        aurocs.append(float(auroc(oriented[keep, i], correct[keep, i])) if i in policy.kept_internal else math.nan)
+    inner, kept = list(policy.kept_internal), list(policy.kept)
+    chain_cost = costs.fractions(policy.exits)
+    curve = []
+    for thr in path_thresholds:
+        _, a, c = simulate(oriented[:, inner], correct[:, kept], chain_cost, [thr[i] for i in inner])
+        curve.append([float(c), float(a)])
+    return {"exit": policy.decide(signals, outputs.classes), "auroc": aurocs, "curve": curve}
+
+
+def analyse(outputs, cal: Dict[str, Any], costs: CostModel, curves: bool = True) -> Dict[str, Any]:
+    """Per-exit accuracy, oracle and, for every calibrated gate, curve / operating point / AUROC on ``outputs``
+    (labelled ``ExitOutputs``), with calibration's temperatures, signs, thresholds, learned weights and kept exits.
+    ``costs``: prices every chain with the one cost rule (fractions of the plain network).
+
+    The operating point, its histogram and ``curve`` are the gate's own chain (its kept exits); ``auroc``,
+    ``mean_auroc`` and ``auc`` are measured on the chain that keeps every exit (calibration's ``all_exits``), so
+    gates compare on an equal footing; ``kept_auroc`` is the AUROC at the gate's kept exits."""
+    n, e = len(outputs), outputs.num_exits
+    correct = outputs.correct
     rows = np.arange(n)
     exit_acc = correct.mean(axis=0)
     final_acc = float(exit_acc[-1])
-    oracle_cost, oracle_acc = oracle(correct, frac)
+    oracle_cost, oracle_acc = oracle(correct, costs.single_exit_fractions())
     gates_out: Dict[str, Any] = {}
     for name, g in cal["gates"].items():
         policy = ExitPolicy.from_dict(g["policy"])
         if policy.num_exits != e:
             raise ValueError(f"the calibration of gate {name} has {policy.num_exits} exits, the model {e}")
-        signs = np.asarray(policy.signs, dtype=np.float64)
-        oriented = raw_scores(name, signals, patience, policy.learned) * signs[None, :]
-        ex = policy.decide(signals, classes)  # the operating point, exactly as the runtime decides
+        own = _chain(outputs, policy, costs, g.get("path_thresholds") or [policy.thresholds])
+        every = g.get("all_exits")  # absent in calibrations made before exit selection: they kept every exit
+        ref = _chain(outputs, ExitPolicy.from_dict(every["policy"]), costs, every["path_thresholds"]) if every else own
+        ex = own["exit"]  # the operating point, exactly as the runtime decides
+        exit_cost = costs.exit_vector(policy.exits)
         acc = float(correct[rows, ex].mean())
-        cost = float(frac[ex].mean())
-        aurocs = []
-        for i in range(e - 1):
-            keep = np.isfinite(oriented[:, i])
-            aurocs.append(float(auroc(oriented[keep, i], correct[keep, i])))
         entry: Dict[str, Any] = {
-            "family": GATE_FAMILY.get(name, name),
+            "family": gate_spec(name).family,
             "accuracy": acc,
-            "mean_cost": cost,
+            "mean_cost": float(exit_cost[ex].mean()),
             "drop": 100.0 * (final_acc - acc),
             "histogram": [int(v) for v in np.bincount(ex, minlength=e)],
-            "auroc": aurocs,
-            "mean_auroc": _nan_mean(aurocs),
+            "auroc": ref["auroc"],
+            "mean_auroc": _nan_mean(ref["auroc"]),
+            "kept_auroc": own["auroc"],
             "signs": [float(s) for s in policy.signs],
             "thresholds": [float(t) for t in policy.thresholds],
+            "exits": list(policy.kept_internal),
+            "exit_cost": [float(c) for c in exit_cost],
+            "auc": accuracy_cost_auc([c for c, _ in ref["curve"]], [a for _, a in ref["curve"]], full_cost=1.0),
         }
-        path_thr = g.get("path_thresholds") or [policy.thresholds]
-        curve = []
-        for thr in path_thr:
-            _, a, c = simulate(oriented, correct, frac, thr)
-            curve.append([float(c), float(a)])
-        entry["auc"] = accuracy_cost_auc([c for c, _ in curve], [a for _, a in curve], full_cost=float(frac[-1]))
         if curves:
-            entry["curve"] = curve
+            entry["curve"] = own["curve"]
         entry["calibrated"] = {k: g.get(k) for k in ("accuracy", "mean_cost", "auc", "mean_auroc")}
         gates_out[name] = entry
     return {
@@ -245,7 +265,8 @@ def evaluate(
     if cost_metric is not None and costs_path is None:
         raise ValueError("--cost-metric needs --costs")
     costs = resolve_costs(model, costs_path, cost_metric) if costs_path is not None else CostModel.from_dict(cal["costs"])
-    frac = costs.fraction
+    if costs.num_exits != model.num_exits:
+        raise ValueError(f"the costs have {costs.num_exits} exits, the model {model.num_exits}")
     split_root = (cal.get("split") or {}).get("data") or (ckpt.get("split") or {}).get("data")
     if split_root and Path(split_root).resolve() == data.resolve():
         log(f"edgeexit: warning: {data} is the training folder: its images were used for training and calibration")
@@ -255,7 +276,7 @@ def evaluate(
     dev = _device(device)
     outputs = collect(model, images.images, images.labels, preprocess, batch_size, dev, progress,
                       paths=images.paths, description="evaluation images")
-    clean = analyse(outputs, cal, frac)
+    clean = analyse(outputs, cal, costs)
 
     corruptions: Dict[str, Any] = {}
     if kinds:
@@ -265,7 +286,7 @@ def evaluate(
                 for s in sev:
                     bad = corrupt_images(images.images, kind, s, seed=seed)
                     out_s = collect(model, bad, images.labels, preprocess, batch_size, dev, False)
-                    res = analyse(out_s, cal, frac, curves=False)
+                    res = analyse(out_s, cal, costs, curves=False)
                     entry["severities"][str(s)] = res
                     bar.advance()
                 corruptions[kind] = entry
@@ -284,7 +305,7 @@ def evaluate(
         "calibration": {k: cal.get(k) for k in ("target", "winner", "temperatures", "n", "cost_source", "split",
                                                  "folds", "created")},
         "exit_accuracy": clean["exit_accuracy"],
-        "exit_cost": [float(v) for v in frac],
+        "exit_cost": [float(v) for v in costs.single_exit_fractions()],
         "oracle": clean["oracle"],
         "gates": clean["gates"],
         "winner": cal["winner"],
@@ -318,14 +339,14 @@ def print_report(report: Dict[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .calibrate import histogram_text
+    from .calibrate import exits_text, histogram_text
 
     console = console or Console()
     exits = Table(title=f"Exits on {report['data']} ({report['n']} images)", box=box.SIMPLE_HEAVY)
     exits.add_column("", justify="left")
     for i in range(len(report["exit_accuracy"])):
         exits.add_column(f"exit {i}", justify="right")
-    exits.add_row("cost % of plain network", *[_pct(c) for c in report["exit_cost"]])
+    exits.add_row("cost % of plain network (one stage to it)", *[_pct(c) for c in report["exit_cost"]])
     exits.add_row("accuracy %", *[_pct(a) for a in report["exit_accuracy"]])
     console.print(exits)
 
@@ -337,18 +358,21 @@ def print_report(report: Dict[str, Any], console=None) -> None:
                         f"{report['calibration'].get('n')} calibration images)",
                   caption=f"final exit {_pct(final)}%; oracle (earliest right exit): {_pct(report['oracle']['accuracy'])}% "
                           f"at {_pct(report['oracle']['mean_cost'])}% cost; * = calibrated "
-                          f"winner; calib. = acc % / cost % on the "
-                          f"calibration split; AUC = area under accuracy vs cost (0..1); AUROC = mean "
-                          f"failure-prediction AUROC over internal exits; exits % = share leaving at each exit",
+                          f"winner; exits = the gate's kept internal exits; calib. = acc % / cost % on the "
+                          f"calibration split; AUC = area under accuracy vs cost (0..1) and AUROC = mean "
+                          f"failure-prediction AUROC over internal exits, both with every exit kept (comparable "
+                          f"across gates); exits % = share leaving at each exit "
+                          f"(- = not kept)",
                   box=box.SIMPLE_HEAVY)
-    for col in ("gate", "cost %", "acc %", "calib.", "AUC", "AUROC", "exits %", ""):
-        gates.add_column(col, justify="left" if col in ("gate", "") else "right", no_wrap=True)
+    for col in ("gate", "exits", "cost %", "acc %", "calib.", "AUC", "AUROC", "exits %", ""):
+        gates.add_column(col, justify="left" if col in ("gate", "exits", "") else "right", no_wrap=True)
     for name, g in report["gates"].items():
         won = name == report["winner"]
         c = g.get("calibrated") or {}
-        gates.add_row(name, _pct(g["mean_cost"]), _pct(g["accuracy"]),
+        gates.add_row(name, exits_text(g.get("exits")), _pct(g["mean_cost"]), _pct(g["accuracy"]),
                       f"{_pct(c.get('accuracy'))}/{_pct(c.get('mean_cost'), 0)}", _num(g["auc"]), _num(g["mean_auroc"]),
-                      histogram_text(g["histogram"]), "*" if won else "", style="bold green" if won else None)
+                      histogram_text(g["histogram"], g.get("exits")), "*" if won else "",
+                      style="bold green" if won else None)
     console.print(gates)
 
     cmp_ = report["comparison"]
@@ -361,8 +385,12 @@ def print_report(report: Dict[str, Any], console=None) -> None:
 
     if report.get("corruptions"):
         names = list(report["gates"])
-        shown = [report["winner"]] + [g for g in ("max_prob", "sal_entropy", "coh_cosine", "learned")
-                                      if g in names and g != report["winner"]]
+        from .gates import GATES
+
+        first_of_family = {}  # one gate per family (the registry's first), besides the winner
+        for g in names:
+            first_of_family.setdefault(GATES[g].family if g in GATES else g, g)
+        shown = [report["winner"]] + [g for g in first_of_family.values() if g != report["winner"]]
         table = Table(title="Under corruption, clean-calibrated thresholds: accuracy % / mean cost % per gate",
                       caption="final = the last exit alone", box=box.SIMPLE_HEAVY)
         for col in ("corruption", "sev", "final", *shown):

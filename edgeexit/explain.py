@@ -20,10 +20,6 @@ from . import gates as G
 
 __all__ = ["explain", "cam_overlay", "expand_inputs"]
 
-_SHORT = {"max_prob": "p", "margin": "margin", "entropy_conf": "ent", "sal_entropy": "salH", "sal_spread": "spread",
-          "coh_cosine": "cos", "coh_ssim": "ssim", "patience": "pat", "learned": "learned"}
-
-
 def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """RGB float image in [0, 1]: ``image`` (uint8 H x W x C) blended with the jet-coloured CAM (h x w), which is
     ReLU'd, divided by its maximum and bilinearly upsampled to H x W."""
@@ -71,6 +67,16 @@ def _unique_name(out_dir: Path, stem: str, used: set) -> Path:
     return out_dir / name
 
 
+def _exit_costs(ckpt: dict, model, policy) -> np.ndarray:
+    """Cost of leaving at each exit on the policy's chain (fractions of the plain network; nan where not kept):
+    the calibration's costs, or the model's MACs with the default stage overhead when uncalibrated."""
+    from .calibrate import CostModel, model_costs
+
+    cal_costs = (ckpt.get("calibration") or {}).get("costs")
+    costs = CostModel.from_dict(cal_costs) if cal_costs and "segments" in cal_costs else model_costs(model)
+    return costs.exit_vector(policy.exits)
+
+
 def explain(
     ckpt_path: Path | str,
     images: Sequence[Path | str],
@@ -113,21 +119,20 @@ def explain(
         raise ValueError(f"none of the {len(paths)} image(s) could be read")
 
     outputs = collect(model, np.stack(arrays), None, pre, 64, _device(device), False, paths=kept)
-    signals = outputs.signals(policy.temperatures)  # (n, E, 7)
+    signals = outputs.signals(policy.temperatures, policy.exits)  # (n, E, 7), as the policy's stages see them
     preds = outputs.classes
-    patience = outputs.patience
+    patience = outputs.patience_for(policy.exits)
     exits = policy.decide(signals, preds)
     n = len(kept)
     scores = {name: signals[:, :, k].astype(np.float64) for k, name in enumerate(G.SIGNAL_NAMES)}
     scores["patience"] = patience.astype(np.float64)
     if policy.learned is not None:
         learned = np.full((n, e), np.nan)
-        for i in range(e - 1):
+        for i in policy.kept_internal:
             learned[:, i] = G.gate_score("learned", signals[:, i], patience[:, i], policy.learned[i])
         scores["learned"] = learned
     confidence = signals[:, :, 0]
-    frac = (ckpt.get("calibration") or {}).get("costs", {}).get("fraction") or list(
-        np.asarray(ckpt["costs"]["cumulative_macs"], dtype=np.float64) / float(ckpt["costs"]["reference_macs"]))
+    frac = _exit_costs(ckpt, model, policy)
 
     out_dir = Path(out) if out is not None else Path("reports") / ckpt_path.stem / "explain"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +158,9 @@ def explain(
             ax.set_yticks([])
             cls = classes[int(preds[b, i])] if int(preds[b, i]) < len(classes) else str(int(preds[b, i]))
             head = f"EXIT {i}" if i == chosen else f"exit {i}"
-            ax.set_title(f"{head} ({100 * float(frac[i]):.0f}% cost)\n{cls} {100 * confidence[b, i]:.0f}%"
+            is_kept = i in policy.kept
+            cost = f"{100 * float(frac[i]):.0f}% cost" if is_kept else "not kept"
+            ax.set_title(f"{head} ({cost})\n{cls} {100 * confidence[b, i]:.0f}%"
                          + ("" if ran else " (not run)"), fontsize=9,
                          color="red" if i == chosen else ("black" if ran else "grey"),
                          fontweight="bold" if i == chosen else "normal")
@@ -161,9 +168,11 @@ def explain(
             names = [g for g in G.GATE_NAMES if g in scores]
             for k in range(0, len(names), 3):
                 lines.append("  ".join(
-                    f"{_SHORT[g]} {int(scores[g][b, i]) if g == 'patience' else _fmt(float(scores[g][b, i]))}"
+                    f"{G.GATES[g].label} {int(scores[g][b, i]) if g == 'patience' else _fmt(float(scores[g][b, i]))}"
                     for g in names[k:k + 3] if not (g == "learned" and i == e - 1)))
-            if i < e - 1:
+            if i < e - 1 and not is_kept:
+                lines.append(f"gate {policy.gate}: exit not kept")
+            elif i < e - 1:
                 s = float(policy.oriented_score(i, signals[b:b + 1, i], patience[b:b + 1, i])[0])
                 thr = policy.thresholds[i]
                 rel = ">=" if i == chosen else ("<" if i < chosen else "vs")

@@ -45,8 +45,10 @@ __all__ = [
     "common_grid",
     "map_cosine",
     "map_ssim",
+    "map_coherence",
     "exit_signals",
     "patience_counts",
+    "kept_patience",
     "next_patience",
     "gate_features",
     "gate_score",
@@ -333,7 +335,10 @@ def map_cosine(cam: np.ndarray, prev_cam: Optional[np.ndarray]) -> np.ndarray:
     """
     if prev_cam is None:
         return np.zeros(_as_maps(cam).shape[0], dtype=np.float64)
-    pa, pb = _paired_distributions(cam, prev_cam)
+    return _cosine(*_paired_distributions(cam, prev_cam))
+
+
+def _cosine(pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
     num = np.sum(pa * pb, axis=1)
     den = np.linalg.norm(pa, axis=1) * np.linalg.norm(pb, axis=1)
     return np.clip(num / np.maximum(den, _EPS), 0.0, 1.0)
@@ -353,7 +358,10 @@ def map_ssim(cam: np.ndarray, prev_cam: Optional[np.ndarray]) -> np.ndarray:
     """
     if prev_cam is None:
         return np.zeros(_as_maps(cam).shape[0], dtype=np.float64)
-    pa, pb = _paired_distributions(cam, prev_cam)
+    return _ssim(*_paired_distributions(cam, prev_cam))
+
+
+def _ssim(pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
     qa = pa / np.maximum(np.max(pa, axis=1, keepdims=True), _TINY)
     qb = pb / np.maximum(np.max(pb, axis=1, keepdims=True), _TINY)
     mu_a = np.mean(qa, axis=1)
@@ -366,6 +374,15 @@ def map_ssim(cam: np.ndarray, prev_cam: Optional[np.ndarray]) -> np.ndarray:
     num = (2.0 * mu_a * mu_b + SSIM_C1) * (2.0 * cov + SSIM_C2)
     den = (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
     return np.clip(num / den, -1.0, 1.0)
+
+
+def map_coherence(cam: np.ndarray, prev_cam: Optional[np.ndarray]) -> np.ndarray:
+    """``[map_cosine, map_ssim]`` of two exits' maps, float64 (B, 2), from one pass over the distributions (the
+    same numbers as the two functions; zeros when ``prev_cam is None``)."""
+    if prev_cam is None:
+        return np.zeros((_as_maps(cam).shape[0], 2), dtype=np.float64)
+    pa, pb = _paired_distributions(cam, prev_cam)
+    return np.stack([_cosine(pa, pb), _ssim(pa, pb)], axis=1)
 
 
 def exit_signals(
@@ -409,6 +426,19 @@ def patience_counts(classes: np.ndarray) -> np.ndarray:
     for i in range(1, c.shape[1]):
         counts[:, i] = np.where(c[:, i] == c[:, i - 1], counts[:, i - 1] + 1, 1)
     return counts
+
+
+def kept_patience(classes: np.ndarray, kept: Sequence[int]) -> np.ndarray:
+    """Patience along a chain that keeps only some exits, int64 (B, E): ``patience_counts`` of the kept exits'
+    columns (``kept``: sorted exit indices, the last exit included), 0 at the exits that are not kept.
+    Example: classes ``[3, 1, 3, 3]``, kept ``(0, 2, 3)`` -> ``[1, 0, 2, 3]`` (exit 1 is skipped)."""
+    c = np.asarray(classes)
+    if c.ndim != 2:
+        raise ValueError(f"classes must be (B, E), got shape {c.shape}")
+    idx = [int(k) for k in kept]
+    out = np.zeros(c.shape, dtype=np.int64)
+    out[:, idx] = patience_counts(c[:, idx])
+    return out
 
 
 def next_patience(

@@ -24,16 +24,14 @@ _FAMILY_COLOURS = {
     "learned": ("#000000",),
 }
 _FAMILY_STYLE = {"softmax": "-", "saliency": "--", "coherence": "-.", "agreement": ":", "learned": "-"}
-_ORDER = ("max_prob", "margin", "entropy_conf", "sal_entropy", "sal_spread", "coh_cosine", "coh_ssim", "patience",
-          "learned")
 
 
 def gate_style(name: str, family: str) -> Dict[str, Any]:
     """Colour and line style of a gate: one hue family per signal family, fixed across all plots."""
-    from .calibrate import GATE_FAMILY
+    from .gates import GATES
 
     colours = _FAMILY_COLOURS.get(family, ("#7f7f7f",))
-    same = [g for g in _ORDER if GATE_FAMILY.get(g) == family]
+    same = [g for g, spec in GATES.items() if spec.family == family]
     idx = same.index(name) if name in same else 0
     return {"color": colours[idx % len(colours)], "linestyle": _FAMILY_STYLE.get(family, "-")}
 
@@ -59,6 +57,14 @@ def _short(path: str, n: int = 40) -> str:
     return path if len(path) <= n else "..." + path[-(n - 3):]
 
 
+def _kept(g: Dict[str, Any]) -> str:
+    """The gate's kept internal exits for a legend: "exits 1,3", "no internal exit", "all exits"."""
+    from .calibrate import exits_text
+
+    text = exits_text(g.get("exits"))
+    return {"none": "no internal exit", "all": "all exits"}.get(text, f"exits {text}")
+
+
 def plot_accuracy_vs_cost(report: Dict[str, Any], path: Path) -> None:
     fig = new_figure(10.5, 6.5)
     ax = fig.add_subplot(1, 1, 1)
@@ -68,23 +74,26 @@ def plot_accuracy_vs_cost(report: Dict[str, Any], path: Path) -> None:
         curve = sorted(g.get("curve") or [], key=lambda p: (p[0], p[1]))
         if curve:
             ax.plot([100 * c for c, _ in curve], [100 * a for _, a in curve], lw=1.6 if name != report["winner"] else 2.6,
-                    label=f"{name} ({g['family']}, AUC {g['auc']:.3f})" if _finite(g["auc"]) else name, **st)
+                    label=f"{name} ({g['family']}, {_kept(g)}, AUC {g['auc']:.3f})" if _finite(g["auc"])
+                    else f"{name} ({_kept(g)})", **st)
         ax.plot(100 * g["mean_cost"], 100 * g["accuracy"], marker="o", ms=9 if name == report["winner"] else 6,
                 mec="black", mew=1.2, color=st["color"], linestyle="none")
     costs, accs = report["exit_cost"], report["exit_accuracy"]
-    ax.plot([100 * c for c in costs], [100 * a for a in accs], "s", color="#555555", ms=7, label="single exit i (no gate)")
+    ax.plot([100 * c for c in costs], [100 * a for a in accs], "s", color="#555555", ms=7,
+            label="single exit i (one stage straight to it, no gate)")
     for i, (c, a) in enumerate(zip(costs, accs)):
         ax.annotate(f"exit {i}", (100 * c, 100 * a), textcoords="offset points", xytext=(5, -12), fontsize=8,
                     color="#555555")
     o = report["oracle"]
     ax.plot(100 * o["mean_cost"], 100 * o["accuracy"], marker="*", ms=16, color="gold", mec="black",
-            linestyle="none", label="oracle (earliest right exit)")
+            linestyle="none", label="oracle (straight to the earliest right exit)")
     ax.plot([], [], marker="o", mec="black", color="white", linestyle="none",
             label=f"calibrated operating point (larger: winner {report['winner']})")
     ax.set_xlabel(f"mean cost per image (% of the plain network's {unit})")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Accuracy vs mean cost on {_short(report['data'])} ({report['n']} images)\n"
-                 "every gate's thresholds were fixed on the calibration split")
+                 "every gate's kept exits and thresholds were fixed on the calibration split\n"
+                 "(AUC in the legend: the same search with every exit kept, comparable across gates)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     save_figure(fig, path)
@@ -96,18 +105,19 @@ def plot_exit_histograms(report: Dict[str, Any], path: Path) -> None:
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig = new_figure(4.2 * cols, 3.0 * rows + 0.6)
-    costs = report["exit_cost"]
-    labels = [f"{i}\n{100 * c:.0f}%" for i, c in enumerate(costs)]
     for k, (name, g) in enumerate(gates.items()):
         ax = fig.add_subplot(rows, cols, k + 1)
         total = max(1, sum(g["histogram"]))
         share = [100 * h / total for h in g["histogram"]]
+        costs = g.get("exit_cost") or report["exit_cost"]
+        labels = [f"{i}\n{100 * c:.0f}%" if _finite(c) else f"{i}\n-" for i, c in enumerate(costs)]
         ax.bar(range(len(share)), share, color=gate_style(name, g["family"])["color"], alpha=0.85)
         ax.set_xticks(range(len(share)), labels, fontsize=8)
         ax.set_ylim(0, 100)
         mark = " (winner)" if name == report["winner"] else ""
-        ax.set_title(f"{name}{mark}: acc {100 * g['accuracy']:.1f}%, cost {100 * g['mean_cost']:.0f}%", fontsize=9)
-        ax.set_xlabel("exit (cumulative cost, % of plain network)", fontsize=8)
+        ax.set_title(f"{name}{mark}, {_kept(g)}: acc {100 * g['accuracy']:.1f}%, cost {100 * g['mean_cost']:.0f}%",
+                     fontsize=9)
+        ax.set_xlabel("exit (cost of leaving there, % of plain network; - = not kept)", fontsize=8)
         ax.set_ylabel("images leaving here (%)", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"Where images leave at each gate's calibrated operating point ({report['n']} images)")
@@ -126,7 +136,7 @@ def plot_auroc(report: Dict[str, Any], path: Path) -> None:
                 **gate_style(name, g["family"]))
     ax.axhline(0.5, color="grey", lw=1, linestyle=":", label="chance (0.5)")
     ax.set_xticks(xs, [f"exit {i}\n{100 * report['exit_cost'][i]:.0f}% cost" for i in xs])
-    ax.set_xlabel("internal exit (cumulative cost, % of plain network)")
+    ax.set_xlabel("internal exit (cost on its own, % of plain network); every exit kept")
     ax.set_ylabel("AUROC (score separates right from wrong answers)")
     values = [a for g in report["gates"].values() for a in g["auroc"] if _finite(a)]
     ax.set_ylim(min([0.3] + [v - 0.05 for v in values]), 1.02)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .gates import FEATURE_NAMES, GATE_NAMES, SIGNAL_NAMES, gate_score, patience_counts
+from .gates import FEATURE_NAMES, GATE_NAMES, SIGNAL_NAMES, gate_score, kept_patience
 from .stages import kept_exits, normalize_exits
 
 __all__ = ["ExitPolicy"]
@@ -309,9 +309,7 @@ class ExitPolicy:
             raise ValueError(f"signals must be (B, {e}, {len(SIGNAL_NAMES)}), got shape {s.shape}")
         if c.shape != s.shape[:2]:
             raise ValueError(f"classes must be (B, {e}), got shape {c.shape}")
-        kept = list(self.kept)
-        pat = np.zeros(c.shape, dtype=np.int64)
-        pat[:, kept] = patience_counts(c[:, kept])  # agreement between consecutive *kept* exits
+        pat = kept_patience(c, self.kept)  # agreement between consecutive *kept* exits
         out = np.full(s.shape[0], e - 1, dtype=np.int64)
         undecided = np.ones(s.shape[0], dtype=bool)
         for i in self.kept_internal:

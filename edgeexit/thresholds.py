@@ -126,36 +126,42 @@ def greedy_path(
     full = float(cost[-1]) if reference_cost is None else float(reference_cost)
     if not (math.isfinite(full) and full > 0):
         raise ValueError(f"reference_cost must be finite and > 0, got {reference_cost!r}")
-    rows = np.arange(n)
     cands = [_candidates(s[:, i], int(n_candidates)) for i in range(k_int)]
+    buckets = [_passing_buckets(s[:, i], cands[i]) for i in range(k_int)]
     pos = np.full(k_int, -1, dtype=np.int64)  # index into cands[i]; -1 = +inf
     ex = np.full(n, e - 1, dtype=np.int64)
-    corr_int = c[:, :k_int].astype(np.int64)
+    at_exit = np.zeros(e, dtype=np.int64)  # samples leaving at each exit
+    at_exit[-1] = n
+    n_right = int(c[:, -1].sum())
+    c_int = c.astype(np.int64)
     cost_int = cost[:k_int]
     exit_ids = np.arange(k_int)
-    s_safe = np.where(np.isnan(s), -np.inf, s)
 
     def point() -> PathPoint:
         thr = [float(cands[i][pos[i]]) if pos[i] >= 0 else math.inf for i in range(k_int)]
-        mean_cost = float(np.mean(cost[ex]))
-        return PathPoint(thr, float(np.mean(c[rows, ex])), mean_cost, mean_cost / full)
+        mean_cost = float(at_exit @ cost / n)
+        return PathPoint(thr, n_right / n, mean_cost, mean_cost / full)
 
     path = [point()]
     while True:
         active = np.array([pos[i] + 1 < len(cands[i]) for i in range(k_int)], dtype=bool)
         if not active.any():
             break
-        nxt = np.array(
-            [cands[i][pos[i] + 1] if active[i] else math.inf for i in range(k_int)], dtype=np.float64
-        )
-        moved = (ex[:, None] > exit_ids[None, :]) & (s_safe >= nxt[None, :])  # (n, E-1)
-        cur_correct = c[rows, ex].astype(np.int64)
-        cur_cost = cost[ex]
-        n_moved = moved.sum(axis=0)
-        gain = (moved & (corr_int == 1)).sum(axis=0) - moved.T.astype(np.int64) @ cur_correct
-        saving = moved.T.astype(np.float64) @ cur_cost - cost_int * n_moved
+        # A sample starts to pass exit i when its threshold drops to the next candidate iff its score lies in that
+        # candidate's bucket; it moves there if it left later so far (one that passes a higher threshold left
+        # at i or earlier already). Only those samples change: O(n / n_candidates) work per exit and step.
+        ids = exit_ids[active]
+        parts = [buckets[i][pos[i] + 1] for i in ids]
+        idx = np.concatenate(parts)
+        lab = np.repeat(ids, [len(p) for p in parts])
+        now = ex[idx]
+        later = now > lab
+        idx, lab, now = idx[later], lab[later], now[later]
+        n_moved = np.bincount(lab, minlength=k_int)
+        gain = np.bincount(lab, weights=c_int[idx, lab] - c_int[idx, now], minlength=k_int)
+        saving = np.bincount(lab, weights=cost[now], minlength=k_int) - cost_int * n_moved
         saving = np.maximum(saving, 0.0)
-        loss = -gain.astype(np.float64)
+        loss = -gain
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(saving > 0, loss / np.where(saving > 0, saving, 1.0), np.sign(loss) * np.inf)
         ratio = np.where(np.isnan(ratio), 0.0, ratio)  # 0 * inf: no change in accuracy, no saving
@@ -163,10 +169,26 @@ def greedy_path(
         key_saving = np.where(active, -saving, np.inf)
         order = np.lexsort((exit_ids, key_saving, ratio))
         best = int(order[0])
-        ex[moved[:, best]] = best
+        mine = lab == best
+        at_exit -= np.bincount(now[mine], minlength=e)
+        at_exit[best] += int(mine.sum())
+        n_right += int(round(gain[best]))
+        ex[idx[mine]] = best
         pos[best] += 1
         path.append(point())
     return path
+
+
+def _passing_buckets(column: np.ndarray, candidates: np.ndarray) -> List[np.ndarray]:
+    """Samples grouped by the candidate at which they start to pass: bucket p holds the samples with
+    ``candidates[p] <= score < candidates[p - 1]`` (descending candidates; nan and scores below every candidate
+    pass none)."""
+    safe = np.where(np.isnan(column), -np.inf, column)
+    n_below_or_equal = np.searchsorted(candidates[::-1], safe, side="right")
+    first = len(candidates) - n_below_or_equal  # index of the highest candidate <= score; len = none
+    order = np.argsort(first, kind="stable")
+    bounds = np.searchsorted(first[order], np.arange(len(candidates) + 1))
+    return [order[bounds[p]:bounds[p + 1]] for p in range(len(candidates))]
 
 
 def choose(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -76,28 +77,38 @@ def test_exit_outputs_record(cal_outputs):
 # ----------------------------------------------------------------------------------------------------------------
 def test_calibration_meets_target_on_its_split(cal_outputs):
     model, _, out = cal_outputs
-    costs = model_costs(model)
+    costs = model_costs(model, stage_overhead=0)  # free calls: the tiny model's exits are worth keeping
     res = calibrate_outputs(out, costs, max_drop=1.0)
     cal = res.calibration
     target = cal["target"]["accuracy"]
     assert target == pytest.approx(out.exit_accuracy()[-1] - 0.01)
     assert set(cal["gates"]) == set(G.GATE_NAMES)
-    signals, classes, correct = out.signals(cal["temperatures"]), out.classes, out.correct
-    frac = costs.fraction
+    assert cal["subset_search"]["subsets"] == 2 ** (out.num_exits - 1)
+    classes, correct = out.classes, out.correct
     for gate, g in cal["gates"].items():
         pol = ExitPolicy.from_dict(g["policy"])
         assert pol.gate == gate and pol.temperatures == cal["temperatures"] and pol.learned is not None
+        assert list(pol.kept_internal) == g["exits"] == pol.exits
+        assert all(pol.learned[i] is not None for i in pol.kept_internal)
+        assert all(pol.thresholds[i] == math.inf for i in range(out.num_exits - 1) if i not in pol.kept_internal)
         assert g["signs"] == pol.signs and all(s in (1.0, -1.0) for s in pol.signs)
         assert len(g["path"]) == len(g["path_thresholds"]) >= 1
+        kept = list(pol.kept)
+        chain_cost = costs.fractions(pol.exits)
         if gate == "learned":  # cross-fitted: the thresholds were searched on out-of-fold scores
             assert g["cross_fitted"]
-            _, acc, cost = simulate(res.oriented[gate], correct, frac, pol.thresholds)
-        else:  # re-simulate the stored policy exactly as the runtime applies it
-            ex = pol.decide(signals, classes)
-            acc, cost = correct[np.arange(len(out)), ex].mean(), frac[ex].mean()
+            _, acc, cost = simulate(res.oriented[gate], correct[:, kept], chain_cost,
+                                    [pol.thresholds[i] for i in pol.kept_internal])
+        else:  # re-simulate the stored policy exactly as the runtime applies it, on its own stages
+            ex = pol.decide(out.signals(pol.temperatures, pol.exits), classes)
+            acc, cost = correct[np.arange(len(out)), ex].mean(), costs.exit_vector(pol.exits)[ex].mean()
             assert g["histogram"] == np.bincount(ex, minlength=out.num_exits).tolist()
         assert acc == pytest.approx(g["accuracy"]) and cost == pytest.approx(g["mean_cost"])
         assert acc >= target - 1e-9, gate  # the full-depth point always qualifies, so every gate meets it
+        # the gate's subset is the cheapest of every subset tried that meets the target
+        tried = g["subsets"]
+        assert len(tried) == cal["subset_search"]["subsets"]
+        assert g["mean_cost"] == pytest.approx(min(t["mean_cost"] for t in tried if t["meets_target"]))
     winner = cal["gates"][cal["winner"]]
     assert res.policy == winner["policy"]
     assert winner["mean_cost"] == min(g["mean_cost"] for g in cal["gates"].values() if g["meets_target"])
@@ -105,7 +116,7 @@ def test_calibration_meets_target_on_its_split(cal_outputs):
 
 def test_budget_target_and_gate_subset(cal_outputs):
     model, _, out = cal_outputs
-    res = calibrate_outputs(out, model_costs(model), budget=0.5, gate_names=["max_prob", "sal_entropy"])
+    res = calibrate_outputs(out, model_costs(model, stage_overhead=0), budget=0.5, gate_names=["max_prob", "sal_entropy"])
     cal = res.calibration
     assert list(cal["gates"]) == ["max_prob", "sal_entropy"] and cal["target"]["kind"] == "budget"
     for g in cal["gates"].values():
@@ -243,3 +254,85 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
     bad = costs_json(tmp_path / "c.json", [1, 1], [1, 1])
     assert "exits" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--costs", str(bad)]))
     assert "--costs" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--cost-metric", "energy_mj"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kept exits through the command
+# ----------------------------------------------------------------------------------------------------------------
+def test_cli_writes_every_gates_exits(tiny_ckpt, tmp_path):
+    out = tmp_path / "cal.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--stage-overhead", "0", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "exits" in result.stdout and "searched 8 exit subset(s) x 9 gate(s)" in result.stderr
+    ckpt = load_checkpoint(out)
+    cal = ckpt["calibration"]
+    assert cal["costs"]["boundary"] == 0.0 and cal["subset_search"]["subsets"] == 8
+    for gate, g in cal["gates"].items():
+        pol = ExitPolicy.from_dict(json.loads(json.dumps(g["policy"])))  # as the manifest will carry it
+        assert pol.exits == g["exits"] and pol.gate == gate
+    winner = ExitPolicy.from_dict(ckpt["policy"])
+    assert winner.exits == cal["gates"][cal["winner"]]["exits"]
+    assert f"(exits {','.join(map(str, winner.exits)) or 'none'})" in result.stdout
+
+
+def test_cli_forces_exits_and_prices_calls(tiny_ckpt, tmp_path):
+    forced = tmp_path / "forced.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--exits", "1", "--gates", "margin,patience",
+                                 "--out", str(forced), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cal = load_checkpoint(forced)["calibration"]
+    assert all(g["exits"] == [1] for g in cal["gates"].values())
+    assert all(ExitPolicy.from_dict(g["policy"]).kept == (1, 3) for g in cal["gates"].values())
+    plain = tmp_path / "plain.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--exits", "none", "--gates", "margin",
+                                 "--out", str(plain), "--quiet"])
+    assert result.exit_code == 0, result.output
+    g = load_checkpoint(plain)["calibration"]["gates"]["margin"]
+    assert g["exits"] == [] and g["mean_cost"] == pytest.approx(1.0)
+    # a call that costs far more than the tiny network: a second stage never pays, so a kept exit must take
+    # every image (one call, cheaper compute) or the plain network wins
+    dear = tmp_path / "dear.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--stage-overhead", "1e9", "--gates", "max_prob",
+                                 "--out", str(dear), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cal = load_checkpoint(dear)["calibration"]
+    g = cal["gates"]["max_prob"]
+    assert cal["costs"]["boundary"] == 1e9 and g["mean_cost"] <= 1.0
+    assert g["exits"] == [] or (len(g["exits"]) == 1 and g["histogram"][-1] == 0)
+
+
+def test_cli_exit_selection_errors_are_one_line(tiny_ckpt, tmp_path):
+    def err(*args):
+        return one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), *args]))
+
+    assert "not an internal exit" in err("--exits", "3")
+    assert "--exits needs" in err("--exits", "one,two")
+    assert "not both" in err("--exits", "1", "--max-kept", "1")
+    assert "--max-kept must be >= 0" in err("--max-kept", "-1")
+    assert "--stage-overhead" in err("--stage-overhead", "-5")
+    v1 = costs_json(tmp_path / "c.json", [1, 1, 1, 1], [0, 0, 0, 1])
+    assert "--stage-overhead" in err("--costs", str(v1), "--stage-overhead", "100")
+    bad = tmp_path / "v2.json"
+    bad.write_text(json.dumps({"schema": "edgeexit-costs/2", "metric": "latency_ms", "segments": [1, 1, 1, 1],
+                               "heads": [0, 0, 0, 1]}))
+    assert "boundary" in err("--costs", str(bad))
+
+
+def test_cli_reads_costs_v2(tiny_ckpt, tmp_path):
+    """A profile's v2 file: compute costs plus the measured per-call overhead, which calibration charges per stage."""
+    data = {"schema": "edgeexit-costs/2", "metric": "latency_ms", "segments": [0.1, 0.1, 0.1, 0.1],
+            "heads": [0.01, 0.01, 0.01, 0.01], "boundary": 0.03,
+            "stages": [{"exits": [1, 3], "latency_ms": 0.5}, {"exits": [3], "latency_ms": 0.44}],
+            "measured": {"latency_ms": {"segments": [0.1, 0.1, 0.1, 0.1], "heads": [0.01, 0.01, 0.01, 0.01],
+                                        "boundary": 0.03}}}
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "cal.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--costs", str(path), "--gates", "max_prob",
+                                 "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cal = load_checkpoint(out)["calibration"]
+    assert cal["costs"]["boundary"] == 0.03 and cal["costs"]["stage_timings"] == data["stages"]
+    g = cal["gates"]["max_prob"]
+    model = CostModel.from_dict(cal["costs"])
+    np.testing.assert_allclose(g["stage_cost"], model.exit_costs(g["exits"]) / (0.4 + 0.01 + 0.03))

@@ -172,3 +172,26 @@ def test_cam_overlay_shape_and_range():
     assert 4 <= hot[0] <= 8 and 16 <= hot[1] <= 20
     gray = cam_overlay(np.zeros((24, 24, 1), np.uint8), -np.ones((3, 3)))  # no positive mass: plain blend
     assert gray.shape == (24, 24, 3)
+
+
+def test_evaluate_uses_each_gates_kept_exits(tiny_ckpt, test_folder, tmp_path):
+    """A policy that keeps exit 1 only: images leave at exit 1 or the last, exits 0 and 2 have no stage (no AUROC,
+    no cost), and the costs are those of that chain."""
+    ckpt = tmp_path / "forced.pt"
+    calibrate(tiny_ckpt, out=ckpt, exits="1", gates="margin,coh_ssim,learned", stage_overhead=0, log=lambda _m: None)
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["evaluate", str(ckpt), "--data", str(test_folder), "--out", str(out), "--quiet",
+                                 "--corrupt", "blur", "--severities", "2"])
+    assert result.exit_code == 0, result.output
+    report = strict_json(out / "report.json")
+    cal = load_checkpoint(ckpt)["calibration"]
+    for name, g in report["gates"].items():
+        assert g["exits"] == [1], name
+        assert g["histogram"][0] == g["histogram"][2] == 0 and sum(g["histogram"]) == report["n"]
+        assert g["kept_auroc"][0] is None and g["kept_auroc"][2] is None and g["kept_auroc"][1] is not None
+        assert len(g["auroc"]) == 3  # gate quality: every exit kept
+        assert g["exit_cost"][0] is None and g["exit_cost"][2] is None
+        assert g["exit_cost"][1] == pytest.approx(cal["gates"][name]["stage_cost"][0])
+        hist = np.asarray(g["histogram"])
+        assert g["mean_cost"] == pytest.approx((hist[1] * g["exit_cost"][1] + hist[3] * g["exit_cost"][3]) / hist.sum())
+        assert report["corruptions"]["blur"]["severities"]["2"]["gates"][name]["histogram"][0] == 0

@@ -85,6 +85,53 @@ def test_greedy_path_endpoints_monotone_and_fast():
         assert acc == pytest.approx(p.accuracy) and c == pytest.approx(p.mean_cost)
 
 
+def greedy_by_the_rule(scores, correct, cost, n_candidates):
+    """The documented greedy rule by brute force: every proposal re-simulated from scratch (integer costs, so
+    losses and savings are exact)."""
+    from edgeexit.thresholds import _candidates
+
+    n, k = scores.shape
+    cands = [_candidates(scores[:, i], n_candidates) for i in range(k)]
+    pos = [-1] * k
+
+    def thresholds(p):
+        return [float(cands[i][p[i]]) if p[i] >= 0 else math.inf for i in range(k)]
+
+    def totals(p):
+        ex, _, _ = simulate(scores, correct, cost, thresholds(p))
+        return int(correct[np.arange(n), ex].sum()), float(np.asarray(cost)[ex].sum())
+
+    path = [thresholds(pos)]
+    while any(pos[i] + 1 < len(cands[i]) for i in range(k)):
+        right, total = totals(pos)
+        keys = []
+        for i in range(k):
+            if pos[i] + 1 >= len(cands[i]):
+                continue
+            trial = list(pos)
+            trial[i] += 1
+            r2, t2 = totals(trial)
+            loss, saving = right - r2, total - t2
+            ratio = loss / saving if saving > 0 else (-math.inf if loss < 0 else 0.0 if loss == 0 else math.inf)
+            keys.append((ratio, -saving, i))
+        pos[min(keys)[2]] += 1
+        path.append(thresholds(pos))
+    return path
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_greedy_path_follows_its_rule(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(5, 120)), int(rng.integers(1, 4))
+    scores = np.round(rng.random((n, k)), 1 + seed % 2)  # ties
+    scores[rng.random((n, k)) < 0.05] = np.nan
+    correct = rng.random((n, k + 1)) < rng.uniform(0.3, 0.9, k + 1)
+    cost = np.cumsum(rng.integers(0, 4, k + 1)) + 1
+    nc = int(rng.integers(2, 12))
+    fast = [p.thresholds for p in greedy_path(scores, correct, cost, n_candidates=nc)]
+    assert fast == greedy_by_the_rule(scores, correct, cost, nc)
+
+
 def test_greedy_takes_free_savings_first():
     # exit 0's score says exactly who is right there: lowering it to 0.5 saves cost at no accuracy loss
     correct = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], dtype=bool)
