@@ -30,7 +30,7 @@ import datetime as _dt
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -93,6 +93,16 @@ class CostModel:
     def fractions(self, exits: Optional[Sequence[int]] = None) -> np.ndarray:
         """``exit_costs(exits) / reference``: the cost fractions calibration and evaluation use."""
         return self.exit_costs(exits) / self.reference
+
+    def for_gate(self, gate: str) -> "CostModel":
+        """The costs of ``gate``'s stages: every internal head also pays for computing the gate's signals,
+        ``GATES[gate].signal_cost`` per-call overheads (MACs do not count those graph nodes; a margin stage pays
+        nothing, a learned one computes all seven signals). The last exit computes none."""
+        extra = G.gate_spec(gate).signal_cost * self.boundary
+        if extra == 0.0:
+            return self
+        heads = tuple(float(h) + (extra if i < self.num_exits - 1 else 0.0) for i, h in enumerate(self.heads))
+        return replace(self, heads=heads)
 
     def exit_vector(self, exits: Optional[Sequence[int]] = None) -> np.ndarray:
         """``fractions(exits)`` spread over all E exits, float64 (E,); nan at the exits that are not kept."""
@@ -609,13 +619,14 @@ def calibrate_outputs(
     oriented_all: Dict[str, np.ndarray] = {}
     every_exit = tuple(range(e - 1))
     for gate in gate_names:
-        trials = [_try_subset(cols, gate, s, costs, target, n_candidates) for s in subsets]
+        gate_costs = costs.for_gate(gate)
+        trials = [_try_subset(cols, gate, s, gate_costs, target, n_candidates) for s in subsets]
         best = trials[_best_index([t.point.accuracy for t in trials], [t.point.mean_cost for t in trials],
                                   [t.meets for t in trials], target)]
         every = next((t for t in trials if t.exits == every_exit), None)
         if every is None:  # forced or capped subsets: the reference chain is searched on its own
-            every = _try_subset(cols, gate, every_exit, costs, target, n_candidates)
-        stats[gate], oriented_all[gate] = _gate_stats(cols, gate, trials, best, every, costs, target, final_acc)
+            every = _try_subset(cols, gate, every_exit, gate_costs, target, n_candidates)
+        stats[gate], oriented_all[gate] = _gate_stats(cols, gate, trials, best, every, gate_costs, target, final_acc)
     winner = _pick_winner(stats, target)
     calibration = {
         "version": 2,

@@ -90,7 +90,7 @@ def _chain(outputs, policy: ExitPolicy, costs: CostModel, path_thresholds) -> Di
         keep = np.isfinite(oriented[:, i])
         aurocs.append(float(auroc(oriented[keep, i], correct[keep, i])) if i in policy.kept_internal else math.nan)
     inner, kept = list(policy.kept_internal), list(policy.kept)
-    chain_cost = costs.fractions(policy.exits)
+    chain_cost = costs.for_gate(policy.gate).fractions(policy.exits)
     curve = []
     for thr in path_thresholds:
         _, a, c = simulate(oriented[:, inner], correct[:, kept], chain_cost, [thr[i] for i in inner])
@@ -121,7 +121,7 @@ def analyse(outputs, cal: Dict[str, Any], costs: CostModel, curves: bool = True)
         every = g.get("all_exits")  # absent in calibrations made before exit selection: they kept every exit
         ref = _chain(outputs, ExitPolicy.from_dict(every["policy"]), costs, every["path_thresholds"]) if every else own
         ex = own["exit"]  # the operating point, exactly as the runtime decides
-        exit_cost = costs.exit_vector(policy.exits)
+        exit_cost = costs.for_gate(policy.gate).exit_vector(policy.exits)
         acc = float(correct[rows, ex].mean())
         entry: Dict[str, Any] = {
             "family": gate_spec(name).family,

@@ -80,6 +80,10 @@ class GateSpec:
     ``signals``: the head signals the gate's score is computed from (``SIGNAL_NAMES`` order), so an exported
     head computes only those; ``needs_cam``: the head must compute this exit's CAM; ``needs_prev_cam``: it must
     also receive the previous kept exit's CAM; ``needs_patience``: the runtime counts agreeing exits.
+    ``signal_cost``: what computing those signals adds to an internal stage, in per-call overheads (the
+    ``boundary`` of ``edgeexit.stages``): MACs do not see it (a CAM, its entropy, a map resize and SSIM are many
+    tiny graph nodes). Measured on ONNX Runtime CPU against a margin stage, in units of the measured per-call
+    overhead (``benchmarks/signal_cost.py``, results in ``benchmarks/results/signal-cost/``).
     """
 
     name: str
@@ -90,23 +94,25 @@ class GateSpec:
     needs_cam: bool = False
     needs_prev_cam: bool = False
     needs_patience: bool = False
+    signal_cost: float = 0.0
 
 
 GATES: "Mapping[str, GateSpec]" = {g.name: g for g in (
     GateSpec("max_prob", "softmax", "maxp", "largest softmax probability", ("max_prob",)),
     GateSpec("margin", "softmax", "margin", "top-1 minus top-2 softmax probability", ("margin",)),
     GateSpec("entropy_conf", "softmax", "1-H", "1 - softmax entropy / log C", ("entropy_conf",)),
-    GateSpec("sal_entropy", "saliency", "salH", "spatial entropy of the CAM", ("sal_entropy",), needs_cam=True),
+    GateSpec("sal_entropy", "saliency", "salH", "spatial entropy of the CAM", ("sal_entropy",), needs_cam=True,
+             signal_cost=0.85),
     GateSpec("sal_spread", "saliency", "spread", "squared radius of gyration of the CAM", ("sal_spread",),
-             needs_cam=True),
+             needs_cam=True, signal_cost=0.85),
     GateSpec("coh_cosine", "coherence", "cos", "cosine of this and the previous exit's CAM", ("coh_cosine",),
-             needs_cam=True, needs_prev_cam=True),
+             needs_cam=True, needs_prev_cam=True, signal_cost=1.4),
     GateSpec("coh_ssim", "coherence", "ssim", "SSIM of this and the previous exit's CAM", ("coh_ssim",),
-             needs_cam=True, needs_prev_cam=True),
+             needs_cam=True, needs_prev_cam=True, signal_cost=1.75),
     GateSpec("patience", "agreement", "pat", "consecutive exits agreeing on the class (PABEE)", (),
              needs_patience=True),
     GateSpec("learned", "learned", "learned", "logistic regression over every signal and patience", SIGNAL_NAMES,
-             needs_cam=True, needs_prev_cam=True, needs_patience=True),
+             needs_cam=True, needs_prev_cam=True, needs_patience=True, signal_cost=2.9),
 )}
 """The one registry of exit gates: CLI help, calibration, plots, explain, the manifest schema, the export (which
 signals a head computes) and the runtime all read it."""

@@ -42,7 +42,7 @@ def export_command(
     with SigtermAsInterrupt():
         return _export(ckpt, out, force=force, opset=opset, samples=samples, check=check, tensorrt=tensorrt,
                        fp16=fp16, int8=int8, calib_images=calib_images, calib_data=calib_data, max_batch=max_batch,
-                       echo=echo, warn=warn)
+                       gates=gates, echo=echo, warn=warn)
 
 
 def _export(
@@ -58,6 +58,7 @@ def _export(
     int8: bool,
     calib_images: int,
     calib_data: Optional[Path],
+    gates: Optional[list] = None,
     max_batch: int,
     echo: Callable[[str], None],
     warn: Callable[[str], None],

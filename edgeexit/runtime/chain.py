@@ -237,33 +237,32 @@ class StageRunner:
     def _run_one(self, x: np.ndarray, force_all: bool = False) -> Decision:
         if self._bound is None:
             self._bound = self._bind()
+            self._at = 0
+        if not self.full and not hasattr(self, "_steps"):
+            # per internal stage, what the loop touches: (call, score view, sign, threshold); plain tuples and
+            # pre-made views keep the per-frame path to one engine call and one comparison per stage
+            self._steps = [(call, outs["signals"].host.reshape(-1) if "signals" in outs else None, sign, thr)
+                           for call, outs, sign, thr in zip(self._bound, self._outs, self._signs, self._thresholds)]
         t0 = time.perf_counter()
         np.copyto(self._in.host[0], x)
         if self.full:
             return self._decide_full(t0)
-        last = len(self._bound) - 1
-        prev_cls: Optional[np.ndarray] = None
-        pat: Optional[np.ndarray] = None
         score: Optional[float] = None
         j = 0
         try:
-            for j, call in enumerate(self._bound):
-                call()
-                if j == last:
-                    score = None
-                    break
-                outs = self._outs[j]
-                if self._single:
-                    score = float(outs["signals"].host[0, 0])
+            if self._single and not force_all:
+                for j, (call, view, sign, thr) in enumerate(self._steps):
+                    call()
+                    score = float(view[0])
+                    if sign * score >= thr:
+                        break
                 else:
-                    cls = outs["class"].host.reshape(-1)
-                    pat = next_patience(pat, prev_cls, cls)
-                    prev_cls = cls.copy()
-                    sig = outs["signals"].host if "signals" in outs else np.zeros((1, 0), np.float32)
-                    score = float(self._score(j, sig, pat)[0])
-                if not force_all and self._signs[j] * score >= self._thresholds[j]:
-                    break
+                    j, score = len(self._steps), None
+                    self._bound[j]()
+            else:
+                j, score = self._run_one_general(force_all)
         except Exception as exc:  # noqa: BLE001 (an engine error fails this frame, the run goes on)
+            j = j if self._single and not force_all else self._at
             return self._failed(j, f"{self.pipeline.stages[j].file}: {type(exc).__name__}: {exc}", t0)
         outs = self._outs[j]
         cls = int(outs["class"].host[0])
@@ -273,6 +272,26 @@ class StageRunner:
         cam = self._cam(k, outs["features"].host) if self.keep_cam and reason is None else None
         return Decision(cls, self._label(cls), conf, k, score, (time.perf_counter() - t0) * 1e3,
                         self.exit_macs[j], reason, None if cam is None else cam[0])
+
+    def _run_one_general(self, force_all: bool) -> tuple:
+        """Batch 1 for patience and the learned gate (and warm-up): the score needs more than one number."""
+        last = len(self._bound) - 1
+        prev_cls: Optional[np.ndarray] = None
+        pat: Optional[np.ndarray] = None
+        for j, call in enumerate(self._bound):
+            self._at = j
+            call()
+            if j == last:
+                return j, None
+            outs = self._outs[j]
+            cls = outs["class"].host.reshape(-1)
+            pat = next_patience(pat, prev_cls, cls)
+            prev_cls = cls.copy()
+            sig = outs["signals"].host if "signals" in outs else np.zeros((1, 0), np.float32)
+            score = float(self._score(j, sig, pat)[0])
+            if not force_all and self._signs[j] * score >= self._thresholds[j]:
+                return j, score
+        return last, None
 
     def _decide_full(self, t0: float) -> Decision:
         try:
