@@ -65,8 +65,11 @@ def train(
     exit_fractions: Optional[str] = typer.Option(None, help="Internal exits at these fractions of the backbone's MACs "
                                                  "[default: 0.15,0.3,0.45,0.6,0.75,0.9, the Shallow-Deep Networks placement]."),
     width: float = typer.Option(1.0, help="Channel width multiplier of the backbone."),
-    input_size: Optional[int] = typer.Option(None, help="Square input size [default: the shorter side of the first image]."),
-    resize: Optional[int] = typer.Option(None, help="Resize the shorter side to this before cropping [default: input size]."),
+    input_size: Optional[int] = typer.Option(None, help="Square input size; images of any size are resized and "
+                                             "cropped to it [default: the pretrained weights' size, else 32 for the "
+                                             "CIFAR ResNets and 224 for resnet18 and mobilenetv2]."),
+    resize: Optional[int] = typer.Option(None, help="Resize the shorter side to this before cropping [default: the "
+                                         "pretrained weights' (256 for 224), else the input size]."),
     channels: int = typer.Option(3, help="Input channels: 3 (RGB) or 1 (grayscale)."),
     head_grid: int = typer.Option(8, help="Exit heads average-pool their input to about this many positions per side."),
     epochs: int = typer.Option(30, help="Training epochs."),
@@ -77,12 +80,24 @@ def train(
     schedule: str = typer.Option("sdn", help="Exit-loss weights: sdn (internal weights ramp 0.01 -> MAC fraction) or constant."),
     distill: float = typer.Option(0.0, help="Self-distillation weight alpha in [0, 1) of internal exits from the last exit."),
     distill_temperature: float = typer.Option(3.0, help="Temperature of self-distillation."),
-    init_weights: Optional[Path] = typer.Option(None, help="Backbone state dict (units.N.*, fc.*) to start from, e.g. a pretrained model."),
+    init_weights: Optional[Path] = typer.Option(None, help="Pretrained backbone to start from: a torchvision or timm "
+                                                "resnet18 / mobilenetv2 state dict, an edgeexit checkpoint or backbone "
+                                                "state dict (units.N.*, fc.*). Its preprocessing is used unless "
+                                                "overridden."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint at --out after its last saved epoch."),
     seed: int = typer.Option(0, help="Seed of initialisation, split, order and augmentation (runs are reproducible on CPU)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of the training folder held out (validation and calibration)."),
     limit: Optional[int] = typer.Option(None, help="Use at most this many training images (stratified; quick runs)."),
-    normalize: str = typer.Option("data", help="Normalisation: data (statistics of the training images), imagenet, half (0.5/0.5)."),
+    normalize: str = typer.Option("auto", help="Normalisation: auto (the pretrained weights' mean/std, else data), "
+                                  "data (statistics of the training images), imagenet, half (0.5/0.5)."),
+    augment: str = typer.Option("auto", help="Training augmentation: auto (pad-crop below 64 px, resized-crop "
+                                "from 64 px), none, flip, pad-crop (pad, random crop, flip), resized-crop (random "
+                                "box of 25-100% of the area, resized; flip). --mode heads with auto or none caches "
+                                "the backbone's features once and trains without augmentation."),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding processes (0: decode in the training process) "
+                                          "[default: half the CPUs, 1 to 4]."),
+    cache_mb: int = typer.Option(1024, "--cache-mb", help="--mode heads: keep cached features in memory up to this "
+                                 "many MB, on disk (a temporary folder) beyond."),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu, cuda, cuda:1 ..."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -95,6 +110,7 @@ def train(
     import torch
 
     from .checkpoint import CheckpointError
+    from .collect import one_line_warnings
     from .train import TrainConfig, train as run_training
 
     if threads:
@@ -107,10 +123,11 @@ def train(
         resize=resize, channels=channels, head_grid=head_grid, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, mode=mode, schedule=schedule, distill=distill, distill_temperature=distill_temperature,
         init_weights=str(init_weights) if init_weights else None, resume=resume, seed=seed, val_fraction=val_fraction,
-        limit=limit, normalize=normalize, device=device,
+        limit=limit, normalize=normalize, device=device, augment=augment, workers=workers, cache_mb=cache_mb,
     )
     try:
-        ckpt = run_training(cfg, log=lambda m: typer.echo(m), progress=not quiet and sys.stderr.isatty())
+        with one_line_warnings():
+            ckpt = run_training(cfg, log=lambda m: typer.echo(m), progress=not quiet and sys.stderr.isatty())
     except (CheckpointError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -391,6 +408,8 @@ def _print_exit_table(ckpt: dict) -> None:
 def main() -> None:
     import os
 
+    # Before torch loads: idle OpenMP threads that spin slow training ~4x on a shared CPU (the user's choice wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not sys.stdout.isatty():  # piped or logged: rich would wrap tables at 80 columns and truncate them
         os.environ.setdefault("COLUMNS", "160")
     app()

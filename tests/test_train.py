@@ -118,9 +118,23 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     (data / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (data / "square" / "empty.jpg").write_bytes(b"")
     logs: list[str] = []
-    with pytest.warns(UserWarning, match="broken.png|empty.jpg"):
-        train(_cfg(data, tmp_path / "m.pt", epochs=1, val_fraction=0.2), log=logs.append, progress=False)
-    assert any("2 unreadable skipped" in m for m in logs), logs
+    with pytest.warns(UserWarning) as record:
+        ckpt = train(_cfg(data, tmp_path / "m.pt", epochs=2, val_fraction=0.2), log=logs.append, progress=False)
+    # one warning for both files, not one per file or per epoch
+    assert len(record) == 1 and "skipped 2 unreadable images" in str(record[0].message), [str(r.message) for r in record]
+    assert any("2 unreadable images skipped" in m for m in logs), logs
+    assert ckpt["split"]["skipped"] == 2
+
+
+def test_cli_prints_unreadable_images_as_one_warning_line(tmp_path):
+    data = write_folder(tmp_path / "data", per_class=6)
+    (data / "circle" / "broken.png").write_bytes(b"not a png")
+    r = _cli("train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--arch", "resnet20", "--width", "0.25",
+             "--exits", "2", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgeexit: warning: skipped 1 unreadable image: "), r.stderr
+    assert "input: 32x32 px from the default for resnet20" in r.stdout
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
