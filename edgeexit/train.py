@@ -360,7 +360,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         preprocess = Preprocess(cfg.channels, plan.resize, plan.input_size, tuple(mean), tuple(std))
         input_source = plan.source
     input_size = preprocess.crop
-    augment = resolve_augment(cfg.augment, input_size)
+    # Frozen backbone, no augmentation asked for: each head's input is a fixed function of the image, computed once.
+    use_cache = cfg.mode == "heads" and cfg.augment in ("auto", "none") and world == 1
+    augment = "none" if use_cache else resolve_augment(cfg.augment, input_size)
     say(f"input: {input_size}x{input_size} px from {input_source}; every image is resized (shorter side "
         f"{preprocess.resize}) and centre-cropped to it; training augmentation: {augment}")
     say(f"data: {len(train_paths)} training and {len(val_paths)} validation images in {len(folder.classes)} classes, "
@@ -402,8 +404,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     std_t = torch.tensor(preprocess.std).view(1, -1, 1, 1)
     val_loader = make_loader(FolderDataset(val_paths, val_labels, cfg.channels, EvalTransform(preprocess)),
                              fixed_batches(len(val_paths), 64), workers) if is_main and val_paths else None
-    # Frozen backbone, no augmentation asked for: each head's input is a fixed function of the image, computed once.
-    use_cache = cfg.mode == "heads" and cfg.augment in ("auto", "none") and world == 1
     per_rank = max(1, min(cfg.batch_size // world, len(train_paths) // world))  # a data set smaller than a batch
     steps_per_epoch = max(1, len(train_paths) // (per_rank * world))
     total_steps, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
@@ -419,7 +419,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
                                        skipped.add, progress=_progress(progress and is_main, "caching features",
                                                                        len(source)))
         say(f"heads mode: each exit's input features cached once ({cache.describe()}) in "
-            f"{time.perf_counter() - t0:.0f}s; heads train on them without augmentation")
+            f"{time.perf_counter() - t0:.0f}s")
         skipped.report()
         if len(cache) == 0:
             raise ValueError(f"no readable training images in {cfg.data}")
