@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import confidence  # i12
 from . import gates as G
 from .metrics import accuracy_cost_auc
 from .policy import ExitPolicy
@@ -386,6 +387,8 @@ def calibrate_outputs(
         "gates": stats,
         "winner": winner,
     }
+    calibration["confidence"] = confidence.for_policy(  # i12: bootstrap interval of the winner's operating point
+        oriented_all[winner], correct, frac, ExitPolicy.from_dict(stats[winner]["policy"]).thresholds, seed=seed)
     return CalibrationResult(calibration, stats[winner]["policy"], oriented_all)
 
 
@@ -432,6 +435,9 @@ def calibrate(
                       description="calibration split")
     result = calibrate_outputs(outputs, costs, max_drop=max_drop, budget=budget, gate_names=gate_names,
                                folds=folds, seed=seed)
+    small = confidence.split_warning(result.calibration["confidence"], result.calibration["target"]["max_drop"])  # i12
+    if small:  # i12
+        log(f"edgeexit: warning: {small}")  # i12
     split = ckpt.get("split") or {}
     result.calibration["split"] = {
         "data": str(Path(data).resolve()) if data is not None else split.get("data"),
@@ -466,32 +472,39 @@ def histogram_text(hist: Sequence[int]) -> str:
 
 
 def print_calibration(cal: Dict[str, Any], console=None) -> None:
-    """One row per gate: mean cost, accuracy, drop, exit histogram, mean AUROC, direction; the winner marked."""
+    """One row per gate: mean cost, accuracy, loss (points below the final exit), exit histogram, mean AUROC, direction; the winner marked."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     t = cal["target"]
-    goal = (f"accuracy >= {100 * t['accuracy']:.2f}% (final exit {100 * t['final_accuracy']:.2f}% - "
+    goal = (f"accuracy >= {100 * t['accuracy']:.2f}% (final exit {100 * t['final_accuracy']:.2f}% minus "
             f"{t['max_drop']:g} pts)" if t["kind"] == "accuracy" else f"mean cost <= {100 * t['budget']:.1f}% of the plain network")
     costs = cal["costs"]
-    table = Table(title=f"Exit gates calibrated on {cal['n']} images: target {goal}", box=box.SIMPLE_HEAVY,
-                  caption=f"cost = mean {costs['unit']} as % of the plain network ({costs['source']}); * = winner, "
-                          f"x = misses the target; drop = points below the final exit; exits % = share of images "
-                          f"leaving at each exit; AUROC = mean over internal exits of predicting a right answer; "
-                          f"right if = a higher or lower score means right (per exit when mixed); oracle: "
-                          f"{_pct(cal['oracle']['mean_cost'])}% cost at {_pct(cal['oracle']['accuracy'])}% accuracy")
-    for col, just in (("gate", "left"), ("cost %", "right"), ("acc %", "right"), ("drop", "right"),
+    table = Table(title=f"Exit gates calibrated on {cal['n']} images", box=box.SIMPLE_HEAVY)
+    for col, just in (("gate", "left"), ("cost %", "right"), ("acc %", "right"), ("loss", "right"),
                       ("exits %", "right"), ("AUROC", "right"), ("right if", "left"), ("", "left")):
         table.add_column(col, justify=just, no_wrap=True)
     for name, g in cal["gates"].items():
         won = name == cal["winner"]
         style = "bold green" if won else (None if g["meets_target"] else "dim")
         table.add_row(
-            name, _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:+.1f}", histogram_text(g["histogram"]),
+            name, _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:.1f}", histogram_text(g["histogram"]),
             "-" if not math.isfinite(g["mean_auroc"]) else f"{g['mean_auroc']:.3f}",
             g["direction"], "*" if won else ("" if g["meets_target"] else "x"),
             style=style,
         )
     console.print(table)
+    legend = [  # short lines, not a table caption: they stay readable in an 80-column terminal
+        f"target: {goal}",
+        f"cost %: mean {costs['unit']} as % of the plain network ({costs['source']})",
+        "loss: accuracy points below the final exit; * = winner, x = misses the target",
+        "exits %: share of images leaving at each exit",
+        "AUROC: mean over internal exits of predicting a right answer",
+        "right if: a higher or lower score means right (per exit when mixed)",
+        f"oracle: {_pct(cal['oracle']['mean_cost'])}% cost at {_pct(cal['oracle']['accuracy'])}% accuracy",
+        *(confidence.describe(cal["confidence"], cal["winner"]) if cal.get("confidence") else []),  # i12
+    ]
+    for line in legend:
+        console.print(line, highlight=False)

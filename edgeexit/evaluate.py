@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+from . import confidence  # i12
 from .calibrate import GATE_FAMILY, CostModel, raw_scores, resolve_costs
 from .metrics import accuracy_cost_auc, auroc
 from .policy import ExitPolicy
@@ -256,6 +257,10 @@ def evaluate(
     outputs = collect(model, images.images, images.labels, preprocess, batch_size, dev, progress,
                       paths=images.paths, description="evaluation images")
     clean = analyse(outputs, cal, frac)
+    flag = confidence.flag_test_drop(clean["gates"][cal["winner"]]["drop"], cal.get("confidence"),  # i12
+                                     (cal.get("target") or {}).get("max_drop"))  # i12
+    if flag:  # i12
+        log(f"edgeexit: warning: {flag}")  # i12
 
     corruptions: Dict[str, Any] = {}
     if kinds:
@@ -282,7 +287,7 @@ def evaluate(
         "classes": list(ckpt["classes"]),
         "costs": costs.to_dict(),
         "calibration": {k: cal.get(k) for k in ("target", "winner", "temperatures", "n", "cost_source", "split",
-                                                 "folds", "created")},
+                                                 "folds", "created", "confidence")},  # i12: + confidence
         "exit_accuracy": clean["exit_accuracy"],
         "exit_cost": [float(v) for v in frac],
         "oracle": clean["oracle"],
@@ -333,38 +338,42 @@ def print_report(report: Dict[str, Any], console=None) -> None:
     t = report["calibration"]["target"] or {}
     goal = (f"accuracy within {t.get('max_drop'):g} pts of the final exit" if t.get("kind") == "accuracy"
             else f"mean cost <= {_pct(t.get('budget'))}%")
-    gates = Table(title=f"Exit gates at their calibrated operating points (target: {goal}; thresholds from "
-                        f"{report['calibration'].get('n')} calibration images)",
-                  caption=f"final exit {_pct(final)}%; oracle (earliest right exit): {_pct(report['oracle']['accuracy'])}% "
-                          f"at {_pct(report['oracle']['mean_cost'])}% cost; * = calibrated "
-                          f"winner; calib. = acc % / cost % on the "
-                          f"calibration split; AUC = area under accuracy vs cost (0..1); AUROC = mean "
-                          f"failure-prediction AUROC over internal exits; exits % = share leaving at each exit",
-                  box=box.SIMPLE_HEAVY)
-    for col in ("gate", "cost %", "acc %", "calib.", "AUC", "AUROC", "exits %", ""):
+    gates = Table(title="Exit gates at their calibrated operating points", box=box.SIMPLE_HEAVY, pad_edge=False)
+    for col in ("gate", "cost %", "acc %", "loss", "calib.", "AUC", "AUROC", "exits %"):
         gates.add_column(col, justify="left" if col in ("gate", "") else "right", no_wrap=True)
     for name, g in report["gates"].items():
         won = name == report["winner"]
         c = g.get("calibrated") or {}
-        gates.add_row(name, _pct(g["mean_cost"]), _pct(g["accuracy"]),
+        gates.add_row(name + (" *" if won else ""), _pct(g["mean_cost"]), _pct(g["accuracy"]), _num(g["drop"], 1),
                       f"{_pct(c.get('accuracy'))}/{_pct(c.get('mean_cost'), 0)}", _num(g["auc"]), _num(g["mean_auroc"]),
-                      histogram_text(g["histogram"]), "*" if won else "", style="bold green" if won else None)
+                      histogram_text(g["histogram"]), style="bold green" if won else None)
     console.print(gates)
+    for line in (  # short lines, not a table caption: they stay readable in an 80-column terminal
+        f"target: {goal} ({report['calibration'].get('n')} calibration images)",
+        f"final exit {_pct(final)}%; oracle (earliest right exit): {_pct(report['oracle']['accuracy'])}% at "
+        f"{_pct(report['oracle']['mean_cost'])}% cost",
+        "loss: accuracy points below the final exit; * = calibrated winner",
+        "calib.: acc % / cost % on the calibration split",
+        "AUC: area under accuracy vs cost (0..1); exits %: share leaving at each exit",
+        "AUROC: mean failure-prediction AUROC over internal exits",
+    ):
+        console.print(line, highlight=False)
 
     cmp_ = report["comparison"]
     soft, cam = cmp_.get("best_softmax"), cmp_.get("best_cam")
     if soft and cam and cmp_.get("saliency_beats_softmax") is not None:
         verdict = "YES" if cmp_["saliency_beats_softmax"] else "NO"
-        console.print(f"Does saliency beat softmax? {verdict}: best CAM gate {cam['gate']} AUC {_num(cam['auc'])} "
-                      f"(AUROC {_num(cam['mean_auroc'])}) vs best softmax gate {soft['gate']} AUC {_num(soft['auc'])} "
-                      f"(AUROC {_num(soft['mean_auroc'])})")
+        console.print(f"Does saliency beat softmax? {verdict}:\n"
+                      f"  best CAM gate {cam['gate']}: AUC {_num(cam['auc'])}, AUROC {_num(cam['mean_auroc'])}\n"
+                      f"  best softmax gate {soft['gate']}: AUC {_num(soft['auc'])}, AUROC {_num(soft['mean_auroc'])}",
+                      highlight=False)
 
     if report.get("corruptions"):
         names = list(report["gates"])
         shown = [report["winner"]] + [g for g in ("max_prob", "sal_entropy", "coh_cosine", "learned")
                                       if g in names and g != report["winner"]]
-        table = Table(title="Under corruption, clean-calibrated thresholds: accuracy % / mean cost % per gate",
-                      caption="final = the last exit alone", box=box.SIMPLE_HEAVY)
+        table = Table(title="Under corruption (clean-calibrated thresholds)", box=box.SIMPLE_HEAVY,
+                      caption="accuracy % / mean cost % per gate; final = the last exit alone")
         for col in ("corruption", "sev", "final", *shown):
             table.add_column(col, justify="left" if col == "corruption" else "right", no_wrap=True)
 
@@ -377,5 +386,6 @@ def print_report(report: Dict[str, Any], console=None) -> None:
                 table.add_row(kind, s, _pct(res["exit_accuracy"][-1]), *[cell(res, g) for g in shown])
         console.print(table)
     if report.get("out"):
-        console.print(f"report: {Path(report['out']) / 'report.json'}"
-                      + (f"; plots: {', '.join(report['plots'].values())}" if report.get("plots") else ""))
+        console.print(f"report: {Path(report['out']) / 'report.json'}", highlight=False)
+        if report.get("plots"):
+            console.print(f"plots: {', '.join(report['plots'].values())}", highlight=False)
