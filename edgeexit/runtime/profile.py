@@ -881,14 +881,15 @@ def _resolve_paths(bundle_path: Optional[str], source_uri: Optional[str]) -> Tup
 
 def _load_frames(source_uri: str, runner: Any, frames: int, warn: Callable[[str], None]
                  ) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
-    """Up to ``frames`` usable frames of the source, preprocessed into one float32 (N, C, H, W) array; a source with
-    fewer frames is cycled. Labels (folder classes) when every frame has one."""
+    """Up to ``frames`` usable frames of the source (a folder's drawn in a seeded random order), preprocessed into one
+    float32 (N, C, H, W) array; a source with fewer frames is cycled. Labels (folder classes) when every frame has one."""
     from .sources import open_source  # noqa: PLC0415
 
     xs: List[np.ndarray] = []
     labels: List[Optional[int]] = []
     skipped = 0
-    with open_source(source_uri, loop=False, max_frames=frames, classes=tuple(runner.classes)) as source:
+    # Seeded shuffle: a folder sorted by class would otherwise give the first --frames of its first classes only.
+    with open_source(source_uri, loop=False, max_frames=frames, classes=tuple(runner.classes), shuffle_seed=0) as source:
         info = {"uri": source_uri, "description": source.describe(), "kind": getattr(source, "kind", None)}
         for frame in source:
             if frame.error is not None or frame.image is None:
