@@ -19,6 +19,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError)
 
 
+class _Command(typer.core.TyperCommand):
+    """Usage lines in the usual style, ``CKPT IMAGE... [BUNDLE]``: typer 0.29 writes required arguments as ``{ckpt}``
+    and a list argument's type as ``<list[Path]>``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "nargs", 1) != 1 and hasattr(param, "display_type_rich"):
+                param.display_type_rich = lambda ctx=None: "<path>..."  # not <list[Path]>
+        return params
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
@@ -136,9 +156,9 @@ def train(
         _print_exit_table(ckpt)
 
 
-@app.command()
+@app.command(cls=_Command)
 def calibrate(
-    ckpt: Path = typer.Argument(..., help="Checkpoint from edgeexit train."),
+    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint from edgeexit train."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Target: accuracy at most this many points below "
                                              "the final exit's on the calibration split [default: 1.0]."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Target instead: the most accurate policy whose mean "
@@ -181,9 +201,9 @@ def calibrate(
     typer.echo(f"policy: gate {cal['winner']} written to {cal['written_to']}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
-    ckpt: Path = typer.Argument(..., help="Calibrated checkpoint (edgeexit calibrate)."),
+    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Calibrated checkpoint (edgeexit calibrate)."),
     data: Path = typer.Option(..., "--data", help="Labelled evaluation folder DATA/<class>/<image> (e.g. the test set)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder [default: reports/<checkpoint stem>]."),
     corrupt: Optional[str] = typer.Option(None, "--corrupt", help="Also evaluate corrupted copies: noise, blur, "
@@ -219,10 +239,10 @@ def evaluate(
     print_report(report)
 
 
-@app.command()
+@app.command(cls=_Command)
 def explain(
-    ckpt: Path = typer.Argument(..., help="Checkpoint (calibrated: the policy's exit is marked)."),
-    images: List[Path] = typer.Argument(..., help="Image files (or folders of images)."),
+    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint (calibrated: the policy's exit is marked)."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="Image files (or folders of images)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG grids [default: reports/<checkpoint stem>/explain]."),
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
 ) -> None:
@@ -241,11 +261,11 @@ def explain(
         typer.echo(str(path))
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
-    bundle: Optional[str] = typer.Argument(None, help="Bundle directory from edgeexit export (default: the demo "
+    bundle: Optional[str] = typer.Argument(None, metavar="BUNDLE", help="Bundle directory from edgeexit export (default: the demo "
                                            "bundle shipped with edgeexit)."),
-    source: Optional[str] = typer.Argument(None, help="Input: image, folder (class sub-folders give labels and "
+    source: Optional[str] = typer.Argument(None, metavar="SOURCE", help="Input: image, folder (class sub-folders give labels and "
                                            "accuracy), video file, camera index, /dev/videoN, v4l2://, csi://N, "
                                            "rtsp://... (default: the demo samples)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON lines to this file instead of stdout. "
@@ -312,10 +332,11 @@ def doctor(
         doc.render(rows)
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
-    ckpt: Path = typer.Argument(..., help="Checkpoint to export; or, with --tensorrt, a bundle directory whose engines to build."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory to write (atomically: complete or absent)."),
+    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint to export; or, with --tensorrt, a bundle directory whose engines to build."),
+    out: Optional[Path] = typer.Option(None, "--out", help="[required when CKPT is a checkpoint] Bundle directory to "
+                                       "write (atomically: complete or absent).", show_default=False),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (once the new one is complete)."),
     opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
     samples: int = typer.Option(64, help="Check inputs: held-out validation images when the checkpoint's data is at hand."),
@@ -346,11 +367,11 @@ def export(
     print_bundle_table(bundle)
 
 
-@app.command()
+@app.command(cls=_Command)
 def profile(
-    bundle: Optional[str] = typer.Argument(None, help="Bundle directory from edgeexit export (default: the demo "
+    bundle: Optional[str] = typer.Argument(None, metavar="BUNDLE", help="Bundle directory from edgeexit export (default: the demo "
                                            "bundle shipped with edgeexit)."),
-    source: Optional[str] = typer.Argument(None, help="Frames to profile on (as edgeexit run takes them: image, "
+    source: Optional[str] = typer.Argument(None, metavar="SOURCE", help="Frames to profile on (as edgeexit run takes them: image, "
                                            "folder, video, camera ...) (default: the demo samples)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: profile-<bundle name>)."),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt."),

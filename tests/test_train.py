@@ -214,3 +214,43 @@ def test_resume_refuses_a_changed_split_and_drops_calibration(tmp_path, monkeypa
     write_folder(tmp_path / "data", per_class=12, seed=5)  # more files: another split
     with pytest.raises(ValueError, match="held-out split"):
         train(_cfg(data, out, epochs=3, resume=True), log=lambda _m: None, progress=False)
+
+
+def test_wrong_files_and_names_are_one_line_errors_before_any_work(tmp_path, tiny_folder):
+    from PIL import Image
+
+    png = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    for args in (("calibrate", str(png)), ("train", "--data", str(tiny_folder), "--out", str(tmp_path / "m.pt"),
+                                           "--arch", "resnet18", "--init-weights", str(png))):
+        r = _cli(*args)
+        assert r.returncode == 2 and r.stderr.strip().endswith(f"{png}: it is a PNG image"), r.stderr
+        assert "weights_only" not in r.stderr and r.stderr.count("\n") == 1
+    torch.save({"a": np.zeros(1).dtype}, tmp_path / "object.pt")  # not tensors: refused by weights_only
+    r = _cli("calibrate", str(tmp_path / "object.pt"))
+    assert r.returncode == 2 and "weights_only" not in r.stderr and "Please use" not in r.stderr, r.stderr
+    r = _cli("train", "--data", str(tmp_path / "not-read"), "--out", str(tmp_path / "m.pt"), "--arch", "resnet21")
+    assert r.returncode == 2 and "unknown architecture 'resnet21'" in r.stderr  # before the folder is looked at
+
+
+def test_cli_sets_a_passive_omp_wait_policy_unless_the_user_chose(monkeypatch):
+    import edgeexit.cli as cli
+
+    for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if preset is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+        monkeypatch.setattr(sys, "argv", ["edgeexit", "--version"])
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert os.environ["OMP_WAIT_POLICY"] == expected
+
+
+def test_usage_lines_and_help_read_as_usual(tmp_path):
+    r = _cli("explain", "--help")
+    assert "explain [OPTIONS] CKPT IMAGE..." in r.stdout and "{" not in r.stdout and "list[" not in r.stdout
+    r = _cli("run", "--help")
+    assert "run [OPTIONS] [BUNDLE] [SOURCE]" in r.stdout
+    r = _cli("export", "--help", env={**os.environ, "COLUMNS": "200"})
+    assert "[required when CKPT is a checkpoint]" in r.stdout

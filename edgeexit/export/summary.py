@@ -36,10 +36,10 @@ def print_bundle_table(bundle: Bundle, console: Optional[Any] = None) -> None:
 
     rows = bundle_rows(bundle)
     checks = bundle.checks or {}
-    title = f"bundle {bundle.path}: {bundle.num_exits} exits, {bundle.num_classes} classes, policy {bundle.policy.gate}"
-    table = Table(title=title)
-    for col in ("file", "MACs", "params", "size", "max |ONNX Runtime - torch|"):
-        table.add_column(col, justify="left" if col in ("file", "max |ONNX Runtime - torch|") else "right")
+    title = f"bundle {bundle.path.name}: {bundle.num_exits} exits, {bundle.num_classes} classes, policy {bundle.policy.gate}"
+    table = Table(title=title, title_justify="left")
+    for col in ("file", "MACs", "params", "size", "max |ORT - torch|"):
+        table.add_column(col, justify="left" if col in ("file", "max |ORT - torch|") else "right")
     with_engines = any(r["engine"] for r in rows)
     if with_engines:
         table.add_column("TensorRT engine")
@@ -54,11 +54,13 @@ def print_bundle_table(bundle: Bundle, console: Optional[Any] = None) -> None:
     if checks:
         d = checks.get("decisions", {})
         worst = checks.get("max_abs_error", {})
-        console.print(
-            f"parity on {checks.get('samples')} {checks.get('inputs')} inputs (tolerance {checks.get('tolerance')}): "
-            + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
-            + f"; chained decisions {d.get('equal')}/{d.get('compared')} equal ({d.get('near_threshold')} near a threshold)"
-        )
+        console.print(f"parity with torch on {checks.get('samples')} {checks.get('inputs')} inputs (tolerance "
+                      f"{checks.get('tolerance')}), worst:", highlight=False)
+        console.print("  " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()), highlight=False)
+        console.print(f"chained decisions {d.get('equal')}/{d.get('compared')} equal to torch's "
+                      f"({d.get('near_threshold')} near a threshold)", highlight=False)
     total = sum(r["size"] for r in rows)
-    console.print(f"total {_human(total, 'B')}; plain network {_human(bundle.reference_macs)} MACs; "
-                  f"leaving at exit i costs {', '.join(f'{100 * c:.0f}%' for c in bundle.cumulative_fraction)}")
+    console.print(f"bundle {bundle.path}: {_human(total, 'B')} of model files; plain network "
+                  f"{_human(bundle.reference_macs)} MACs", highlight=False)
+    console.print(f"leaving at exit i costs {', '.join(f'{100 * c:.0f}%' for c in bundle.cumulative_fraction)} of it",
+                  highlight=False)

@@ -184,10 +184,12 @@ def read_init_weights(path: Path | str) -> InitWeights:
     path = str(path)
     if not Path(path).is_file():
         raise WeightsError(f"init weights not found: {path}")
+    from ..checkpoint import CheckpointError, read_torch_file
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"cannot read init weights {path}: {_first_line(exc)}") from None
+        obj = read_torch_file(path, "init weights")
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from None
     try:
         state, cfg, ckpt = _unwrap(obj)
     except WeightsError as exc:
@@ -212,13 +214,6 @@ def read_init_weights(path: Path | str) -> InitWeights:
             raise WeightsError(f"{path}: key {key} does not fit a {arch} ({layout} layout)")
         renamed[new], names[new] = value, key
     return InitWeights(path, layout, renamed, names, _preprocess_from_cfg(cfg or IMAGENET), arch)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, without torch's weights_only advice."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else exc.__class__.__name__
-    return line.split(" Weights only load failed")[0][:200]
 
 
 def load_into(model, weights: InitWeights, target: dict[str, str]) -> tuple[int, list[str]]:
