@@ -22,6 +22,18 @@ __all__ = ["explain", "cam_overlay", "expand_inputs"]
 
 _SHORT = {"max_prob": "p", "margin": "margin", "entropy_conf": "ent", "sal_entropy": "salH", "sal_spread": "spread",
           "coh_cosine": "cos", "coh_ssim": "ssim", "patience": "pat", "learned": "learned"}
+# What each abbreviation means, printed under every grid.
+_MEANING = {"max_prob": "max softmax probability", "margin": "top-1 minus top-2 probability",
+            "entropy_conf": "1 - normalised softmax entropy", "sal_entropy": "CAM entropy (low = concentrated)",
+            "sal_spread": "CAM spread (squared radius)", "coh_cosine": "CAM cosine with the previous exit's",
+            "coh_ssim": "CAM SSIM with the previous exit's", "patience": "exits in a row agreeing on the class",
+            "learned": "learned gate's probability of a right answer"}
+
+
+def abbreviation_legend(per_line: int = 3) -> str:
+    """``salH = CAM entropy (low = concentrated); ...``: every abbreviation the grid uses, a few per line."""
+    items = [f"{_SHORT[g]} = {_MEANING[g]}" for g in _SHORT]
+    return "\n".join("; ".join(items[k : k + per_line]) for k in range(0, len(items), per_line))
 
 
 def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -138,7 +150,7 @@ def explain(
     for b, path in enumerate(kept):
         img = arrays[b]
         chosen = int(exits[b])
-        fig = new_figure(3.1 * cols, 3.9 * rows + 0.5)
+        fig = new_figure(3.1 * cols, 3.9 * rows + 1.1)
         ax = fig.add_subplot(rows, cols, 1)
         ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
                   interpolation="nearest")
@@ -181,6 +193,7 @@ def explain(
             verdict = " (right)" if classes[int(preds[b, chosen])] == truth else f" (wrong: folder says {truth})"
         fig.suptitle(f"{path.name}: leaves at exit {chosen} as {classes[int(preds[b, chosen])]}{verdict}; policy: "
                      f"{policy.gate}{'' if calibrated else ' (default, uncalibrated)'}", fontsize=10)
+        fig.supxlabel(abbreviation_legend(), fontsize=7, color="dimgrey")  # constrained layout keeps room for it
         target = _unique_name(out_dir, path.stem, used)
         save_figure(fig, target)
         written.append(target)

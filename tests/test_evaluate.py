@@ -172,3 +172,12 @@ def test_cam_overlay_shape_and_range():
     assert 4 <= hot[0] <= 8 and 16 <= hot[1] <= 20
     gray = cam_overlay(np.zeros((24, 24, 1), np.uint8), -np.ones((3, 3)))  # no positive mass: plain blend
     assert gray.shape == (24, 24, 3)
+
+
+def test_explain_grids_carry_a_legend_of_their_abbreviations():
+    from edgeexit.explain import _SHORT, abbreviation_legend
+
+    legend = abbreviation_legend()
+    for short in _SHORT.values():  # salH, pat, cos ... each explained
+        assert f"{short} = " in legend
+    assert "salH = CAM entropy (low = concentrated)" in legend and max(len(l) for l in legend.splitlines()) < 200

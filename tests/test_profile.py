@@ -349,3 +349,20 @@ def test_sampled_meter_with_rails(bundle_dir, tiny_folder, tmp_path):
     costs = json.loads((tmp_path / "j" / "costs.json").read_text())
     assert costs["measured"]["energy_mj"]["label"] == "measured" and costs["clocks_locked"] is True
     assert "(estimate)" not in stdout.getvalue()
+
+
+def test_latency_breakdown_gives_every_segment_and_head_its_own_colour(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from edgeexit.runtime import plots_profile
+
+    e = 9  # more exits than any fixed palette had
+    result = {"segments": [{"latency_ms_per_frame": 0.1 + i} for i in range(e)],
+              "heads": [{"latency_ms_per_frame": 0.05} for _ in range(e)], "settings": {"batch": 1},
+              "device": "cpu", "backend": "onnxruntime"}
+    figures = []
+    monkeypatch.setattr(plots_profile, "_save", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(plots_profile, "_subtitle", lambda _r: "")
+    plots_profile.plot_latency_breakdown(result, tmp_path / "latency.png")
+    handles, labels = figures[0].axes[0].get_legend_handles_labels()
+    colours = {lab: tuple(h.patches[0].get_facecolor()) for h, lab in zip(handles, labels)}
+    assert len(colours) == 2 * e and len(set(colours.values())) == 2 * e

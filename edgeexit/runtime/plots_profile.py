@@ -24,8 +24,16 @@ PLOT_FILES = {
     "energy_plot": "energy_per_frame.png",
 }
 
-_SEG_COLORS = ("#1f4e79", "#2e75b6", "#5b9bd5", "#9dc3e6", "#bdd7ee", "#deebf7")
-_HEAD_COLORS = ("#c55a11", "#ed7d31", "#f4b183", "#f8cbad", "#fbe5d6", "#fdf2ea")
+_SEG_RAMP = ("#0b2a4a", "#b4d3f0")  # segments: dark to light blue
+_HEAD_RAMP = ("#7a3100", "#f8c9a4")  # heads: dark to light orange (hatched)
+
+
+def _ramp(ends: tuple, n: int) -> List[str]:
+    """n distinct colours evenly spaced from ``ends[0]`` to ``ends[1]`` (any n: none is reused)."""
+    a = [int(ends[0][k : k + 2], 16) for k in (1, 3, 5)]
+    b = [int(ends[1][k : k + 2], 16) for k in (1, 3, 5)]
+    steps = [0.0] if n <= 1 else [i / (n - 1) for i in range(n)]
+    return ["#" + "".join(f"{round(x + t * (y - x)):02x}" for x, y in zip(a, b)) for t in steps]
 _SPAN_COLORS = {"adaptive": "#70ad47", "full": "#c00000"}
 
 
@@ -70,13 +78,14 @@ def plot_latency_breakdown(result: Dict[str, Any], path: Path) -> Path:
     # bar k (k < e): segments 0..k and heads 0..k; the last bar: every segment + the last head
     used = [(list(range(k + 1)), list(range(k + 1))) for k in range(e)] + [(list(range(e)), [e - 1])]
     labelled = set()
+    seg_colors, head_colors = _ramp(_SEG_RAMP, e), _ramp(_HEAD_RAMP, e)
     for k, (seg_ids, head_ids) in enumerate(used):
         bottom = 0.0
         pieces = [("segment", i, segs[i]) for i in seg_ids] + [("head", i, heads[i]) for i in head_ids]
         for kind, i, v in pieces:
-            colors = _SEG_COLORS if kind == "segment" else _HEAD_COLORS
+            colors = seg_colors if kind == "segment" else head_colors
             lab = f"{kind} {i}"
-            ax.bar(k, v, bottom=bottom, color=colors[i % len(colors)], edgecolor="white", linewidth=0.6,
+            ax.bar(k, v, bottom=bottom, color=colors[i], edgecolor="white", linewidth=0.6,
                    label=None if lab in labelled else lab, hatch="//" if kind == "head" else None)
             labelled.add(lab)
             bottom += v
