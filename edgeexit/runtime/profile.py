@@ -1081,7 +1081,7 @@ def profile_command(
 
                 files.update(write_plots(result, out_dir, warn=warn))
             except ImportError as exc:
-                warn(f"edgeexit: matplotlib is not installed ({exc}): plots skipped (pip install matplotlib)")
+                warn(f"edgeexit: matplotlib is not installed ({exc}): plots skipped (pip install 'edgeexit[plots]')")
             except Exception as exc:  # noqa: BLE001 - a plot must not lose the measurements
                 warn(f"edgeexit: warning: plots failed: {type(exc).__name__}: {exc}")
         result["files"] = files
