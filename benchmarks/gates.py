@@ -39,7 +39,7 @@ def gate_rows(report: dict) -> list[list]:
     return rows
 
 
-GATE_HEADER = ["gate", "family", "mean cost % of plain net", "test acc %", "drop below final exit (points)",
+GATE_HEADER = ["gate", "family", "mean cost % of plain net", "test acc %", "accuracy loss vs final exit (points)",
                "cost / oracle", "acc-cost AUC", "failure AUROC per internal exit"]
 
 
