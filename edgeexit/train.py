@@ -4,7 +4,13 @@ Loss (joint mode) = sum_i w_i(t) * L_i, with L_i the loss of exit i and, by defa
 Networks schedule: the last exit has weight 1 and internal exit i ramps linearly from 0.01 to its cumulative
 MAC fraction f_i over training (t = epoch / (epochs - 1)). With self-distillation (alpha > 0),
 L_i = (1 - alpha) CE(z_i, y) + alpha T^2 KL(softmax(z_last / T) || softmax(z_i / T)) for internal exits.
-Heads-only mode freezes the backbone segments in eval mode (BatchNorm statistics do not move).
+Heads-only mode freezes the backbone segments in eval mode (BatchNorm statistics do not move); without augmentation
+it trains the heads on each exit's input computed once (``feature_cache``). Every epoch reports each exit's plain
+cross-entropy, which reads right while the weighted sum grows with the ramping weights.
+
+Data streams from disk (``data.FolderDataset`` in DataLoader workers), so memory does not grow with the data set;
+the input size comes from ``--input-size``, the pretrained weights' configuration or the architecture's default
+(``plan_input``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import SkipLog, load_split, to_model_input
 from .models import SDN_FRACTIONS, MultiExitNet, build_model
+from .models.pretrained import InitWeights, read_init_weights
 from .preprocess import Preprocess
 
 
@@ -211,10 +218,10 @@ def model_config(cfg: TrainConfig, num_classes: int, input_size: int) -> dict:
     }
 
 
-def load_init_weights(model: MultiExitNet, weights: "InitWeights | str") -> tuple[int, int, list[str]]:
+def load_init_weights(model: MultiExitNet, weights: InitWeights | str) -> tuple[int, int, list[str]]:
     """Load pretrained backbone weights (any layout ``models.pretrained`` reads) into the model's segments and
     final classifier. Returns (tensors loaded, tensors in the backbone, notes)."""
-    from .models.pretrained import load_into, read_init_weights
+    from .models.pretrained import load_into
 
     if isinstance(weights, str):
         weights = read_init_weights(weights)
@@ -234,7 +241,7 @@ class InputPlan:
     source: str
 
 
-def plan_input(cfg: TrainConfig, weights) -> InputPlan:
+def plan_input(cfg: TrainConfig, weights: InitWeights | None) -> InputPlan:
     """Command line first, then the pretrained weights' configuration, then the architecture's default size
     (``DEFAULT_INPUT_SIZE``); normalisation ``auto`` follows the weights, else the training images' statistics."""
     from .models.backbones import DEFAULT_INPUT_SIZE
@@ -265,7 +272,7 @@ def _state_for_checkpoint(model: nn.Module) -> dict:
 
 @torch.no_grad()
 def loader_accuracies(model: MultiExitNet, loader, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                      skipped: "SkipLog") -> list[float]:
+                      skipped: SkipLog) -> list[float]:
     """Top-1 accuracy (%) of every exit over a loader of evaluation-transformed batches."""
     was_training = model.training
     model.eval()
@@ -304,9 +311,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 
     Returns the final checkpoint dict.
     """
-    from .data import (EpochBatches, EvalTransform, FolderDataset, SkipLog, TrainTransform, default_workers,
-                       fixed_batches, make_loader, resolve_augment, streamed_channel_stats)
-    from .models.pretrained import read_init_weights
+    from .data import (EpochBatches, EvalTransform, FolderDataset, TrainTransform, default_workers, fixed_batches,
+                       make_loader, resolve_augment, streamed_channel_stats)
 
     cfg.check()
     rank, world, local_rank = distributed_env()
