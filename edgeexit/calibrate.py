@@ -472,7 +472,8 @@ def histogram_text(hist: Sequence[int]) -> str:
 
 
 def print_calibration(cal: Dict[str, Any], console=None) -> None:
-    """One row per gate: mean cost, accuracy, loss (points below the final exit), exit histogram, mean AUROC, direction; the winner marked."""
+    """One row per gate: mean cost, accuracy, loss (points below the final exit), exit histogram, mean AUROC,
+    direction; the winner marked."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -482,17 +483,17 @@ def print_calibration(cal: Dict[str, Any], console=None) -> None:
     goal = (f"accuracy >= {100 * t['accuracy']:.2f}% (final exit {100 * t['final_accuracy']:.2f}% minus "
             f"{t['max_drop']:g} pts)" if t["kind"] == "accuracy" else f"mean cost <= {100 * t['budget']:.1f}% of the plain network")
     costs = cal["costs"]
-    table = Table(title=f"Exit gates calibrated on {cal['n']} images", box=box.SIMPLE_HEAVY)
+    table = Table(title=f"Exit gates calibrated on {cal['n']} images", box=box.SIMPLE_HEAVY, pad_edge=False)
     for col, just in (("gate", "left"), ("cost %", "right"), ("acc %", "right"), ("loss", "right"),
-                      ("exits %", "right"), ("AUROC", "right"), ("right if", "left"), ("", "left")):
+                      ("exits %", "right"), ("AUROC", "right"), ("right if", "left")):
         table.add_column(col, justify=just, no_wrap=True)
     for name, g in cal["gates"].items():
         won = name == cal["winner"]
         style = "bold green" if won else (None if g["meets_target"] else "dim")
         table.add_row(
-            name, _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:.1f}", histogram_text(g["histogram"]),
-            "-" if not math.isfinite(g["mean_auroc"]) else f"{g['mean_auroc']:.3f}",
-            g["direction"], "*" if won else ("" if g["meets_target"] else "x"),
+            name + (" *" if won else ("" if g["meets_target"] else " x")), _pct(g["mean_cost"]), _pct(g["accuracy"]),
+            f"{g['drop']:.1f}", histogram_text(g["histogram"]),
+            "-" if not math.isfinite(g["mean_auroc"]) else f"{g['mean_auroc']:.3f}", g["direction"],
             style=style,
         )
     console.print(table)
