@@ -234,7 +234,7 @@ def collate(samples) -> Batch:
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Batches of ``(index, seed)`` items for one epoch, replaced with ``set_batches`` (workers persist across epochs)."""
+    """Batches of ``(index, seed)`` items for one epoch, replaced with ``set_batches`` before each epoch."""
 
     def __init__(self) -> None:
         self.batches: list[list[tuple[int, int]]] = []
@@ -261,11 +261,23 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode images; torch's thread pool would only compete with the model
 
 
+def _worker_context():
+    """Workers start from a fork server (a clean single-threaded process that has imported this module), not by
+    forking the training process: a fork of a process whose thread pools (OpenMP, ONNX Runtime) are running can
+    inherit held locks and crash the child."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["edgeexit.data"])
+    return ctx
+
+
 def make_loader(dataset: FolderDataset, batch_sampler, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` with ``workers`` processes (0: in this process), uint8 batches (``collate``)."""
     kwargs = dict(num_workers=workers, collate_fn=collate, batch_sampler=batch_sampler)
     if workers > 0:
-        kwargs.update(worker_init_fn=_worker_init, persistent_workers=True, prefetch_factor=2)
+        kwargs.update(worker_init_fn=_worker_init, prefetch_factor=2,
+                      multiprocessing_context=_worker_context())
     return torch.utils.data.DataLoader(dataset, **kwargs)
 
 

@@ -171,7 +171,7 @@ def test_corrupt_image_is_skipped_and_counted(bundle_dir, tiny_folder, tmp_path)
     assert len(json_lines(out.read_text())) == 36
     warnings = [l for l in result.stderr.splitlines() if "warning: skipped" in l]
     assert len(warnings) == 2 and any("broken.png" in w for w in warnings)
-    row = next(l for l in result.stdout.splitlines() if "skipped" in l)
+    row = next(l for l in result.stdout.splitlines() if "skipped (unreadable)" in l)
     assert row.rstrip(" │|").split()[-1] == "2"
 
 

@@ -660,8 +660,10 @@ def test_tensorrt_backend_over_fakes_equals_onnxruntime(bundle, ort_backend, ima
     assert seg0.allocated_bytes > 0 and "tensorrt 10.3.0 on Fake GPU" in backend.describe()
     live_before = dict(cuda.live)
 
-    runner_trt = ExitRunner(bundle, backend, threshold=0.38, keep_cam=True)
-    runner_ort = ExitRunner(bundle, ort_backend, threshold=0.38, keep_cam=True)
+    # the median exit-0 score: about half of every batch leaves there, scattered, so rows must be compacted
+    threshold = float(np.median([d.gate_score for d in ExitRunner(bundle, ort_backend, max_exit=0).run_images(images)]))
+    runner_trt = ExitRunner(bundle, backend, threshold=threshold, keep_cam=True)
+    runner_ort = ExitRunner(bundle, ort_backend, threshold=threshold, keep_cam=True)
     got = runner_trt.run_images(images)  # 40 images: split into batches of 16, compacted on the "device"
     want = runner_ort.run_images(images)
     assert_same_decisions(got, want)
