@@ -133,18 +133,29 @@ class TVEfficientNetLike(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ timm MobileNetV2
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: BatchNorm then an activation, in one module (state-dict keys of a BatchNorm2d)."""
+
+    def __init__(self, num_features, act: bool = True):
+        super().__init__(num_features)
+        self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
 class TimmDSConv(nn.Module):
     """timm DepthwiseSeparableConv (first block of mobilenetv2_100): conv_dw, bn1, conv_pw, bn2."""
 
     def __init__(self, cin, cout):
         super().__init__()
         self.conv_dw = nn.Conv2d(cin, cin, 3, 1, 1, groups=cin, bias=False)
-        self.bn1 = nn.BatchNorm2d(cin)
+        self.bn1 = BatchNormAct2d(cin)
         self.conv_pw = nn.Conv2d(cin, cout, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = BatchNormAct2d(cout, act=False)
 
     def forward(self, x):
-        return self.bn2(self.conv_pw(F.relu6(self.bn1(self.conv_dw(x)))))
+        return self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
 
 
 class TimmIR(nn.Module):
@@ -154,26 +165,33 @@ class TimmIR(nn.Module):
         super().__init__()
         hidden = cin * t
         self.conv_pw = nn.Conv2d(cin, hidden, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(hidden)
+        self.bn1 = BatchNormAct2d(hidden)
         self.conv_dw = nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False)
-        self.bn2 = nn.BatchNorm2d(hidden)
+        self.bn2 = BatchNormAct2d(hidden)
         self.conv_pwl = nn.Conv2d(hidden, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
+        self.bn3 = BatchNormAct2d(cout, act=False)
         self.has_skip = stride == 1 and cin == cout
 
     def forward(self, x):
-        out = F.relu6(self.bn1(self.conv_pw(x)))
-        out = self.bn3(self.conv_pwl(F.relu6(self.bn2(self.conv_dw(out)))))
+        out = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
         return x + out if self.has_skip else out
 
 
+class SelectAdaptivePool2d(nn.Module):
+    """timm's global_pool (average, flattened)."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
 class TimmMobileNetV2(nn.Module):
-    """timm mobilenetv2_100: conv_stem, bn1, blocks (7 stages), conv_head, bn2, global pool, classifier."""
+    """timm mobilenetv2_100: conv_stem, bn1, blocks (7 stages), conv_head, bn2, global_pool, classifier; its
+    ``feature_info`` stages are blocks 0, 1, 2, 4 and 6 (reductions 2-32) and it offers ``forward_intermediates``."""
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
         self.conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
+        self.bn1 = BatchNormAct2d(32)
         stages, cin = [], 32
         for k, (t, c, n, s) in enumerate(MBV2):
             blocks = []
@@ -183,13 +201,28 @@ class TimmMobileNetV2(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)
         self.conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(1280)
+        self.bn2 = BatchNormAct2d(1280)
+        self.global_pool = SelectAdaptivePool2d()
         self.classifier = nn.Linear(1280, num_classes)
+        self.feature_info = [{"num_chs": c, "reduction": 2 ** (i + 1), "module": f"blocks.{b}"}
+                             for i, (b, c) in enumerate(((0, 16), (1, 24), (2, 32), (4, 96), (6, 320)))]
+
+    def get_classifier(self):
+        return self.classifier
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        wanted = {int(d["module"].split(".")[1]) for d in self.feature_info}
+        x, outs = self.bn1(self.conv_stem(x)), []
+        for i, stage in enumerate(self.blocks):
+            x = stage(x)
+            if i in wanted:
+                outs.append(x)
+        return outs if intermediates_only else (self.bn2(self.conv_head(x)), outs)
 
     def forward(self, x):
-        x = self.blocks(F.relu6(self.bn1(self.conv_stem(x))))
-        x = F.relu6(self.bn2(self.conv_head(x)))
-        return self.classifier(x.mean((2, 3)))
+        x = self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
+        return self.classifier(self.global_pool(x))
 
 
 # ------------------------------------------------------------------------------- timm-style model with intermediates

@@ -142,6 +142,7 @@ def test_bring_your_own_backbone():
     ("TVMobileNetV3Like", 32, [1, 2], ["features.1", "features.2"]),  # MLP classifier after the pool
     ("TVEfficientNetLike", 32, [0, 2], ["features.0", "features.2"]),
     ("TimmStyleResNet", 32, [0, 2], ["act1", "layer2"]),  # forward_intermediates / feature_info stages
+    ("TimmMobileNetV2", 64, [1, 2, 3], ["blocks.1", "blocks.2", "blocks.4"]),  # stages inside a container
 ])
 def test_from_backbone_understands_torchvision_and_timm_shapes(make, size, exits, cut_names):
     from . import lookalikes
