@@ -371,7 +371,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     use_cache = cfg.mode == "heads" and cfg.augment in ("auto", "none") and world == 1
     augment = "none" if use_cache else resolve_augment(cfg.augment, input_size)
     say(f"input: {input_size}x{input_size} px from {input_source}; every image is resized (shorter side "
-        f"{preprocess.resize}) and centre-cropped to it; training augmentation: {augment}")
+        f"{preprocess.resize}) and centre-cropped to it; training augmentation: {augment}"
+        + (" (heads mode: features computed once)" if use_cache else ""))
     say(f"data: {len(train_paths)} training and {len(val_paths)} validation images in {len(folder.classes)} classes, "
         f"streamed by {workers} loader process{'es' if workers != 1 else ''}")
 
