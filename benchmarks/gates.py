@@ -41,7 +41,7 @@ def gate_rows(report: dict) -> list[list]:
     return rows
 
 
-GATE_HEADER = ["gate", "family", "kept exits", "mean cost % of plain net", "test acc %", "drop below final exit (points)",
+GATE_HEADER = ["gate", "family", "kept exits", "mean cost % of plain net", "test acc %", "accuracy loss vs final exit (points)",
                "cost / oracle", "acc-cost AUC", "failure AUROC per internal exit"]
 
 

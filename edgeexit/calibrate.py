@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import confidence
 from . import gates as G
 from . import stages
 from .metrics import accuracy_cost_auc
@@ -646,6 +647,10 @@ def calibrate_outputs(
         "gates": stats,
         "winner": winner,
     }
+    win = ExitPolicy.from_dict(stats[winner]["policy"])  # bootstrap interval of the winner's operating point
+    calibration["confidence"] = confidence.for_policy(
+        oriented_all[winner], cols.correct[:, list(win.kept)], costs.for_gate(winner).fractions(win.exits),
+        [win.thresholds[k] for k in win.kept_internal], seed=seed)
     return CalibrationResult(calibration, stats[winner]["policy"], oriented_all)
 
 
@@ -704,6 +709,9 @@ def calibrate(
                                folds=folds, seed=seed, exits=forced, max_kept=max_kept)
     search = result.calibration["subset_search"]
     log(f"searched {search['subsets']} exit subset(s) x {len(gate_names)} gate(s) in {search['seconds']:.1f} s")
+    small = confidence.split_warning(result.calibration["confidence"], result.calibration["target"]["max_drop"])
+    if small:
+        log(f"edgeexit: warning: {small}")
     split = ckpt.get("split") or {}
     result.calibration["split"] = {
         "data": str(Path(data).resolve()) if data is not None else split.get("data"),
@@ -747,39 +755,44 @@ def histogram_text(hist: Sequence[int], exits: Optional[Sequence[int]] = None) -
 
 
 def print_calibration(cal: Dict[str, Any], console=None) -> None:
-    """One row per gate: kept exits, mean cost, accuracy, drop, exit histogram, mean AUROC, direction; the winner
-    marked."""
+    """One row per gate: kept exits, mean cost, accuracy, loss (points below the final exit), exit histogram, mean
+    AUROC, direction; the winner marked, the legend printed as short lines below."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     t = cal["target"]
-    goal = (f"accuracy >= {100 * t['accuracy']:.2f}% (final exit {100 * t['final_accuracy']:.2f}% - "
+    goal = (f"accuracy >= {100 * t['accuracy']:.2f}% (final exit {100 * t['final_accuracy']:.2f}% minus "
             f"{t['max_drop']:g} pts)" if t["kind"] == "accuracy" else f"mean cost <= {100 * t['budget']:.1f}% of the plain network")
     costs = cal["costs"]
     overhead = f"{costs.get('boundary') or 0:g} {costs['unit']} per stage"
-    table = Table(title=f"Exit gates calibrated on {cal['n']} images: target {goal}", box=box.SIMPLE_HEAVY,
-                  caption=f"exits = kept internal exits (each ends a stage; the last exit is always kept), chosen "
-                          f"per gate; cost = mean {costs['unit']} as % of the plain network ({costs['source']}; "
-                          f"{overhead}); * = winner, "
-                          f"x = misses the target; drop = points below the final exit; exits % = share of images "
-                          f"leaving at each exit (- = not kept); AUROC = mean over internal exits of predicting a "
-                          f"right answer (every exit kept, comparable across gates); right if = a higher or lower "
-                          f"score means right (per kept exit when mixed); oracle (each image straight to its "
-                          f"earliest right exit): "
-                          f"{_pct(cal['oracle']['mean_cost'])}% cost at {_pct(cal['oracle']['accuracy'])}% accuracy")
-    for col, just in (("gate", "left"), ("exits", "left"), ("cost %", "right"), ("acc %", "right"), ("drop", "right"),
-                      ("exits %", "right"), ("AUROC", "right"), ("right if", "left"), ("", "left")):
+    table = Table(title=f"Exit gates calibrated on {cal['n']} images", box=box.SIMPLE_HEAVY, pad_edge=False)
+    for col, just in (("gate", "left"), ("exits", "left"), ("cost %", "right"), ("acc %", "right"), ("loss", "right"),
+                      ("exits %", "right"), ("AUROC", "right"), ("right if", "left")):
         table.add_column(col, justify=just, no_wrap=True)
     for name, g in cal["gates"].items():
         won = name == cal["winner"]
         style = "bold green" if won else (None if g["meets_target"] else "dim")
         table.add_row(
-            name, exits_text(g.get("exits")), _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:+.1f}",
-            histogram_text(g["histogram"], g.get("exits")),
-            "-" if not math.isfinite(g["mean_auroc"]) else f"{g['mean_auroc']:.3f}",
-            g["direction"], "*" if won else ("" if g["meets_target"] else "x"),
+            name + (" *" if won else ("" if g["meets_target"] else " x")), exits_text(g.get("exits")),
+            _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:.1f}", histogram_text(g["histogram"], g.get("exits")),
+            "-" if not math.isfinite(g["mean_auroc"]) else f"{g['mean_auroc']:.3f}", g["direction"],
             style=style,
         )
     console.print(table)
+    legend = [  # short lines, not a table caption: they stay readable in an 80-column terminal
+        f"target: {goal}",
+        "exits: kept internal exits, chosen per gate (each ends a stage; the last exit is always kept)",
+        f"cost %: mean {costs['unit']} as % of the plain network ({costs['source']}; {overhead}; a gate's signals "
+        "cost extra per stage)",
+        "loss: accuracy points below the final exit; * = winner, x = misses the target",
+        "exits %: share of images leaving at each exit (- = not kept)",
+        "AUROC: mean over internal exits of predicting a right answer (every exit kept: comparable across gates)",
+        "right if: a higher or lower score means right (per kept exit when mixed)",
+        f"oracle (each image straight to its earliest right exit): {_pct(cal['oracle']['mean_cost'])}% cost at "
+        f"{_pct(cal['oracle']['accuracy'])}% accuracy",
+        *(confidence.describe(cal["confidence"], cal["winner"]) if cal.get("confidence") else []),
+    ]
+    for line in legend:
+        console.print(line, highlight=False)

@@ -46,16 +46,39 @@ def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
 
 
+# First bytes of files people pass by mistake, to name them in the error.
+_NOT_TORCH = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+              b"BM": "a BMP image", b"\x08\x01\x12": "an ONNX model", b"{": "a JSON file"}
+
+
+def read_torch_file(path: Path | str, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors: a file that is not a torch file (an image, an
+    ONNX model ...) is named as such, and torch's multi-line weights_only advice is not passed on."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a legacy pickle
+        kind = next((name for magic, name in _NOT_TORCH.items() if head.startswith(magic)), "not a file torch.save wrote")
+        raise CheckpointError(f"cannot read {what} {path}: it is {kind}" if kind.startswith("a") else
+                              f"cannot read {what} {path}: {kind}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc).strip()
+        if "Weights only load failed" in text:  # keep torch's reason, drop its advice
+            reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].split(" Please use")[0] \
+                if "WeightsUnpickler error:" in text else "it holds objects other than tensors and plain containers"
+        else:
+            reason = text.splitlines()[0] if text else exc.__class__.__name__
+        raise CheckpointError(f"cannot read {what} {path}: {reason[:200]}") from None
+
+
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load and check a checkpoint; every failure is a one-line CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    data = read_torch_file(path, "checkpoint")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an edgeexit checkpoint (a plain state dict? use --init-weights for those)")
     if data.get("version") != FORMAT_VERSION:

@@ -24,6 +24,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError)
 
 
+class _Command(typer.core.TyperCommand):
+    """Usage lines in the usual style, ``CKPT IMAGE... [BUNDLE]``: typer 0.29 writes required arguments as ``{ckpt}``
+    and a list argument's type as ``<list[Path]>``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "nargs", 1) != 1 and hasattr(param, "display_type_rich"):
+                param.display_type_rich = lambda ctx=None: "<path>..."  # not <list[Path]>
+        return params
+
 
 @app.callback(invoke_without_command=True)
 def _root(
@@ -80,8 +99,11 @@ def train(
     exit_fractions: Optional[str] = typer.Option(None, help="Internal exits at these fractions of the backbone's MACs "
                                                  "[default: 0.15,0.3,0.45,0.6,0.75,0.9, the Shallow-Deep Networks placement]."),
     width: float = typer.Option(1.0, help="Channel width multiplier of the backbone."),
-    input_size: Optional[int] = typer.Option(None, help="Square input size [default: the shorter side of the first image]."),
-    resize: Optional[int] = typer.Option(None, help="Resize the shorter side to this before cropping [default: input size]."),
+    input_size: Optional[int] = typer.Option(None, help="Square input size; images of any size are resized and "
+                                             "cropped to it [default: the pretrained weights' size, else 32 for the "
+                                             "CIFAR ResNets and 224 for resnet18 and mobilenetv2]."),
+    resize: Optional[int] = typer.Option(None, help="Resize the shorter side to this before cropping [default: the "
+                                         "pretrained weights' (256 for 224), else the input size]."),
     channels: int = typer.Option(3, help="Input channels: 3 (RGB) or 1 (grayscale)."),
     head_grid: int = typer.Option(8, help="Exit heads average-pool their input to about this many positions per side."),
     epochs: int = typer.Option(30, help="Training epochs."),
@@ -92,12 +114,24 @@ def train(
     schedule: str = typer.Option("sdn", help="Exit-loss weights: sdn (internal weights ramp 0.01 -> MAC fraction) or constant."),
     distill: float = typer.Option(0.0, help="Self-distillation weight alpha in [0, 1) of internal exits from the last exit."),
     distill_temperature: float = typer.Option(3.0, help="Temperature of self-distillation."),
-    init_weights: Optional[Path] = typer.Option(None, help="Backbone state dict (units.N.*, fc.*) to start from, e.g. a pretrained model."),
+    init_weights: Optional[Path] = typer.Option(None, help="Pretrained backbone to start from: a torchvision or timm "
+                                                "resnet18 / mobilenetv2 state dict, an edgeexit checkpoint or backbone "
+                                                "state dict (units.N.*, fc.*). Its preprocessing is used unless "
+                                                "overridden."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint at --out after its last saved epoch."),
     seed: int = typer.Option(0, help="Seed of initialisation, split, order and augmentation (runs are reproducible on CPU)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of the training folder held out (validation and calibration)."),
     limit: Optional[int] = typer.Option(None, help="Use at most this many training images (stratified; quick runs)."),
-    normalize: str = typer.Option("data", help="Normalisation: data (statistics of the training images), imagenet, half (0.5/0.5)."),
+    normalize: str = typer.Option("auto", help="Normalisation: auto (the pretrained weights' mean/std, else data), "
+                                  "data (statistics of the training images), imagenet, half (0.5/0.5)."),
+    augment: str = typer.Option("auto", help="Training augmentation: auto (pad-crop below 64 px, resized-crop "
+                                "from 64 px), none, flip, pad-crop (pad, random crop, flip), resized-crop (random "
+                                "box of 25-100% of the area, resized; flip). --mode heads with auto or none caches "
+                                "the backbone's features once and trains without augmentation."),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding processes (0: decode in the training process) "
+                                          "[default: half the CPUs, 1 to 4]."),
+    cache_mb: int = typer.Option(1024, "--cache-mb", help="--mode heads: keep cached features in memory up to this "
+                                 "many MB, on disk (a temporary folder) beyond."),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu, cuda, cuda:1 ..."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -113,6 +147,7 @@ def train(
     import torch
 
     from .checkpoint import CheckpointError
+    from .collect import one_line_warnings
     from .train import TrainConfig, train as run_training
 
     if threads:
@@ -125,10 +160,11 @@ def train(
         resize=resize, channels=channels, head_grid=head_grid, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, mode=mode, schedule=schedule, distill=distill, distill_temperature=distill_temperature,
         init_weights=str(init_weights) if init_weights else None, resume=resume, seed=seed, val_fraction=val_fraction,
-        limit=limit, normalize=normalize, device=device,
+        limit=limit, normalize=normalize, device=device, augment=augment, workers=workers, cache_mb=cache_mb,
     )
     try:
-        ckpt = run_training(cfg, log=lambda m: typer.echo(m), progress=not quiet and sys.stderr.isatty())
+        with one_line_warnings():
+            ckpt = run_training(cfg, log=lambda m: typer.echo(m), progress=not quiet and sys.stderr.isatty())
     except (CheckpointError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -137,9 +173,9 @@ def train(
         _print_exit_table(ckpt)
 
 
-@app.command()
+@app.command(cls=_Command)
 def calibrate(
-    ckpt: Path = typer.Argument(..., help="Checkpoint from edgeexit train."),
+    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint from edgeexit train."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Target: accuracy at most this many points below "
                                              "the final exit's on the calibration split [default: 1.0]."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Target instead: the most accurate policy whose mean "
@@ -196,9 +232,9 @@ def calibrate(
                f"written to {cal['written_to']}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
-    ckpt: Path = typer.Argument(..., help="Calibrated checkpoint (edgeexit calibrate)."),
+    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Calibrated checkpoint (edgeexit calibrate)."),
     data: Path = typer.Option(..., "--data", help="Labelled evaluation folder DATA/<class>/<image> (e.g. the test set)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder [default: reports/<checkpoint stem>]."),
     corrupt: Optional[str] = typer.Option(None, "--corrupt", help="Also evaluate corrupted copies: noise, blur, "
@@ -237,10 +273,10 @@ def evaluate(
     print_report(report)
 
 
-@app.command()
+@app.command(cls=_Command)
 def explain(
-    ckpt: Path = typer.Argument(..., help="Checkpoint (calibrated: the policy's exit is marked)."),
-    images: List[Path] = typer.Argument(..., help="Image files (or folders of images)."),
+    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint (calibrated: the policy's exit is marked)."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="Image files (or folders of images)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG grids [default: reports/<checkpoint stem>/explain]."),
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
@@ -262,11 +298,11 @@ def explain(
         typer.echo(str(path))
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
-    bundle: Optional[str] = typer.Argument(None, help="Bundle directory from edgeexit export (default: the demo "
+    bundle: Optional[str] = typer.Argument(None, metavar="BUNDLE", help="Bundle directory from edgeexit export (default: the demo "
                                            "bundle shipped with edgeexit)."),
-    source: Optional[str] = typer.Argument(None, help="Input: image, folder (class sub-folders give labels and "
+    source: Optional[str] = typer.Argument(None, metavar="SOURCE", help="Input: image, folder (class sub-folders give labels and "
                                            "accuracy), video file, camera index, /dev/videoN, v4l2://, csi://N, "
                                            "rtsp://... (default: the demo samples)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Append the JSON lines to this file instead of stdout (created "
@@ -387,10 +423,11 @@ def doctor(
         doc.render(rows)
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
-    ckpt: Path = typer.Argument(..., help="Checkpoint to export; or, with --tensorrt, a bundle directory whose engines to build."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory to write (atomically: complete or absent)."),
+    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint to export; or, with --tensorrt, a bundle directory whose engines to build."),
+    out: Optional[Path] = typer.Option(None, "--out", help="[required when CKPT is a checkpoint] Bundle directory to "
+                                       "write (atomically: complete or absent).", show_default=False),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (once the new one is complete)."),
     opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
     samples: int = typer.Option(64, help="Check inputs: held-out validation images when the checkpoint's data is at hand."),
@@ -425,11 +462,11 @@ def export(
     print_bundle_table(bundle)
 
 
-@app.command()
+@app.command(cls=_Command)
 def profile(
-    bundle: Optional[str] = typer.Argument(None, help="Bundle directory from edgeexit export (default: the demo "
+    bundle: Optional[str] = typer.Argument(None, metavar="BUNDLE", help="Bundle directory from edgeexit export (default: the demo "
                                            "bundle shipped with edgeexit)."),
-    source: Optional[str] = typer.Argument(None, help="Frames to profile on (as edgeexit run takes them: image, "
+    source: Optional[str] = typer.Argument(None, metavar="SOURCE", help="Frames to profile on (as edgeexit run takes them: image, "
                                            "folder, video, camera ...) (default: the demo samples)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: profile-<bundle name>)."),
     gate: Optional[str] = typer.Option(None, "--gate", help="Profile the pipeline of another exported gate "
@@ -524,6 +561,8 @@ def main() -> None:
     import os
     import warnings
 
+    # Before torch loads: idle OpenMP threads that spin slow training ~4x on a shared CPU (the user's choice wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not sys.stdout.isatty():  # piped or logged: rich would wrap tables at 80 columns and truncate them
         os.environ.setdefault("COLUMNS", "160")
     warnings.showwarning = _show_warning

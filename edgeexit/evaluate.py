@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+from . import confidence
 from .calibrate import CostModel, policy_scores, resolve_costs
 from .gates import gate_spec
 from .metrics import accuracy_cost_auc, auroc
@@ -277,6 +278,10 @@ def evaluate(
     outputs = collect(model, images.images, images.labels, preprocess, batch_size, dev, progress,
                       paths=images.paths, description="evaluation images")
     clean = analyse(outputs, cal, costs)
+    flag = confidence.flag_test_drop(clean["gates"][cal["winner"]]["drop"], cal.get("confidence"),
+                                     (cal.get("target") or {}).get("max_drop"))
+    if flag:
+        log(f"edgeexit: warning: {flag}")
 
     corruptions: Dict[str, Any] = {}
     if kinds:
@@ -303,7 +308,7 @@ def evaluate(
         "classes": list(ckpt["classes"]),
         "costs": costs.to_dict(),
         "calibration": {k: cal.get(k) for k in ("target", "winner", "temperatures", "n", "cost_source", "split",
-                                                 "folds", "created")},
+                                                 "folds", "created", "confidence")},  # i12: + confidence
         "exit_accuracy": clean["exit_accuracy"],
         "exit_cost": [float(v) for v in costs.single_exit_fractions()],
         "oracle": clean["oracle"],
@@ -354,34 +359,37 @@ def print_report(report: Dict[str, Any], console=None) -> None:
     t = report["calibration"]["target"] or {}
     goal = (f"accuracy within {t.get('max_drop'):g} pts of the final exit" if t.get("kind") == "accuracy"
             else f"mean cost <= {_pct(t.get('budget'))}%")
-    gates = Table(title=f"Exit gates at their calibrated operating points (target: {goal}; thresholds from "
-                        f"{report['calibration'].get('n')} calibration images)",
-                  caption=f"final exit {_pct(final)}%; oracle (earliest right exit): {_pct(report['oracle']['accuracy'])}% "
-                          f"at {_pct(report['oracle']['mean_cost'])}% cost; * = calibrated "
-                          f"winner; exits = the gate's kept internal exits; calib. = acc % / cost % on the "
-                          f"calibration split; AUC = area under accuracy vs cost (0..1) and AUROC = mean "
-                          f"failure-prediction AUROC over internal exits, both with every exit kept (comparable "
-                          f"across gates); exits % = share leaving at each exit "
-                          f"(- = not kept)",
-                  box=box.SIMPLE_HEAVY)
-    for col in ("gate", "exits", "cost %", "acc %", "calib.", "AUC", "AUROC", "exits %", ""):
-        gates.add_column(col, justify="left" if col in ("gate", "exits", "") else "right", no_wrap=True)
+    gates = Table(title="Exit gates at their calibrated operating points", box=box.SIMPLE_HEAVY, pad_edge=False)
+    for col in ("gate", "exits", "cost %", "acc %", "loss", "calib.", "AUC", "AUROC", "exits %"):
+        gates.add_column(col, justify="left" if col in ("gate", "exits") else "right", no_wrap=True)
     for name, g in report["gates"].items():
         won = name == report["winner"]
         c = g.get("calibrated") or {}
-        gates.add_row(name, exits_text(g.get("exits")), _pct(g["mean_cost"]), _pct(g["accuracy"]),
+        gates.add_row(name + (" *" if won else ""), exits_text(g.get("exits")), _pct(g["mean_cost"]),
+                      _pct(g["accuracy"]), _num(g["drop"], 1),
                       f"{_pct(c.get('accuracy'))}/{_pct(c.get('mean_cost'), 0)}", _num(g["auc"]), _num(g["mean_auroc"]),
-                      histogram_text(g["histogram"], g.get("exits")), "*" if won else "",
-                      style="bold green" if won else None)
+                      histogram_text(g["histogram"], g.get("exits")), style="bold green" if won else None)
     console.print(gates)
+    for line in (  # short lines, not a table caption: they stay readable in an 80-column terminal
+        f"target: {goal} ({report['calibration'].get('n')} calibration images)",
+        f"final exit {_pct(final)}%; oracle (earliest right exit): {_pct(report['oracle']['accuracy'])}% at "
+        f"{_pct(report['oracle']['mean_cost'])}% cost",
+        "loss: accuracy points below the final exit; * = calibrated winner",
+        "calib.: acc % / cost % on the calibration split",
+        "exits: the gate's kept internal exits; exits %: share leaving at each exit (- = not kept)",
+        "AUC: area under accuracy vs cost (0..1); AUROC: mean failure-prediction AUROC over internal exits",
+        "  (both with every exit kept: comparable across gates)",
+    ):
+        console.print(line, highlight=False)
 
     cmp_ = report["comparison"]
     soft, cam = cmp_.get("best_softmax"), cmp_.get("best_cam")
     if soft and cam and cmp_.get("saliency_beats_softmax") is not None:
         verdict = "YES" if cmp_["saliency_beats_softmax"] else "NO"
-        console.print(f"Does saliency beat softmax? {verdict}: best CAM gate {cam['gate']} AUC {_num(cam['auc'])} "
-                      f"(AUROC {_num(cam['mean_auroc'])}) vs best softmax gate {soft['gate']} AUC {_num(soft['auc'])} "
-                      f"(AUROC {_num(soft['mean_auroc'])})")
+        console.print(f"Does saliency beat softmax? {verdict}:\n"
+                      f"  best CAM gate {cam['gate']}: AUC {_num(cam['auc'])}, AUROC {_num(cam['mean_auroc'])}\n"
+                      f"  best softmax gate {soft['gate']}: AUC {_num(soft['auc'])}, AUROC {_num(soft['mean_auroc'])}",
+                      highlight=False)
 
     if report.get("corruptions"):
         names = list(report["gates"])
@@ -391,8 +399,8 @@ def print_report(report: Dict[str, Any], console=None) -> None:
         for g in names:
             first_of_family.setdefault(GATES[g].family if g in GATES else g, g)
         shown = [report["winner"]] + [g for g in first_of_family.values() if g != report["winner"]]
-        table = Table(title="Under corruption, clean-calibrated thresholds: accuracy % / mean cost % per gate",
-                      caption="final = the last exit alone", box=box.SIMPLE_HEAVY)
+        table = Table(title="Under corruption (clean-calibrated thresholds)", box=box.SIMPLE_HEAVY,
+                      caption="accuracy % / mean cost % per gate; final = the last exit alone")
         for col in ("corruption", "sev", "final", *shown):
             table.add_column(col, justify="left" if col == "corruption" else "right", no_wrap=True)
 
@@ -405,5 +413,6 @@ def print_report(report: Dict[str, Any], console=None) -> None:
                 table.add_row(kind, s, _pct(res["exit_accuracy"][-1]), *[cell(res, g) for g in shown])
         console.print(table)
     if report.get("out"):
-        console.print(f"report: {Path(report['out']) / 'report.json'}"
-                      + (f"; plots: {', '.join(report['plots'].values())}" if report.get("plots") else ""))
+        console.print(f"report: {Path(report['out']) / 'report.json'}", highlight=False)
+        if report.get("plots"):
+            console.print(f"plots: {', '.join(report['plots'].values())}", highlight=False)

@@ -20,6 +20,13 @@ from . import gates as G
 
 __all__ = ["explain", "cam_overlay", "expand_inputs"]
 
+def abbreviation_legend(per_line: int = 3) -> str:
+    """``salH = spatial entropy of the CAM; ...``: every abbreviation the grid uses (the registry's labels), a few
+    per line."""
+    items = [f"{spec.label} = {spec.description}" for spec in G.GATES.values()]
+    return "\n".join("; ".join(items[k : k + per_line]) for k in range(0, len(items), per_line))
+
+
 def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """RGB float image in [0, 1]: ``image`` (uint8 H x W x C) blended with the jet-coloured CAM (h x w), which is
     ReLU'd, divided by its maximum and bilinearly upsampled to H x W."""
@@ -143,7 +150,7 @@ def explain(
     for b, path in enumerate(kept):
         img = arrays[b]
         chosen = int(exits[b])
-        fig = new_figure(3.1 * cols, 3.9 * rows + 0.5)
+        fig = new_figure(3.1 * cols, 3.9 * rows + 1.1)
         ax = fig.add_subplot(rows, cols, 1)
         ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
                   interpolation="nearest")
@@ -190,6 +197,7 @@ def explain(
             verdict = " (right)" if classes[int(preds[b, chosen])] == truth else f" (wrong: folder says {truth})"
         fig.suptitle(f"{path.name}: leaves at exit {chosen} as {classes[int(preds[b, chosen])]}{verdict}; policy: "
                      f"{policy.gate}{'' if calibrated else ' (default, uncalibrated)'}", fontsize=10)
+        fig.supxlabel(abbreviation_legend(), fontsize=7, color="dimgrey")  # constrained layout keeps room for it
         target = _unique_name(out_dir, path.stem, used)
         save_figure(fig, target)
         written.append(target)

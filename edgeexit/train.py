@@ -4,7 +4,13 @@ Loss (joint mode) = sum_i w_i(t) * L_i, with L_i the loss of exit i and, by defa
 Networks schedule: the last exit has weight 1 and internal exit i ramps linearly from 0.01 to its cumulative
 MAC fraction f_i over training (t = epoch / (epochs - 1)). With self-distillation (alpha > 0),
 L_i = (1 - alpha) CE(z_i, y) + alpha T^2 KL(softmax(z_last / T) || softmax(z_i / T)) for internal exits.
-Heads-only mode freezes the backbone segments in eval mode (BatchNorm statistics do not move).
+Heads-only mode freezes the backbone segments in eval mode (BatchNorm statistics do not move); without augmentation
+it trains the heads on each exit's input computed once (``feature_cache``). Every epoch reports each exit's plain
+cross-entropy, which reads right while the weighted sum grows with the ramping weights.
+
+Data streams from disk (``data.FolderDataset`` in DataLoader workers), so memory does not grow with the data set;
+the input size comes from ``--input-size``, the pretrained weights' configuration or the architecture's default
+(``plan_input``).
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import Augment, ImageSet, channel_stats, decode_images, eval_batches, load_split
+from .data import SkipLog, load_split, to_model_input
 from .models import SDN_FRACTIONS, MultiExitNet, build_model
+from .models.pretrained import InitWeights, read_init_weights
 from .preprocess import Preprocess
 
 
@@ -54,11 +61,26 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     limit: int | None = None
-    normalize: str = "data"  # data | imagenet | half
+    normalize: str = "auto"  # auto (the pretrained weights', else data) | data | imagenet | half
+    augment: str = "auto"  # auto | none | flip | pad-crop | resized-crop (data.py)
+    workers: int | None = None  # DataLoader worker processes [default: data.default_workers()]
+    cache_mb: int = 1024  # heads mode: cached features kept in memory up to this size, else on disk
     device: str = "auto"
     eval_every: int = 1
 
     def check(self) -> None:
+        """Everything that can be checked before any image is read."""
+        from .data import resolve_augment
+        from .models.backbones import check_arch
+
+        check_arch(self.arch)
+        resolve_augment(self.augment, 32)
+        if self.normalize not in ("auto", "data", "imagenet", "half"):
+            raise ValueError(f"--normalize must be auto, data, imagenet or half, got {self.normalize!r}")
+        if self.input_size is not None and self.input_size < 8:
+            raise ValueError(f"--input-size must be at least 8 pixels, got {self.input_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.mode not in ("joint", "heads"):
             raise ValueError(f"--mode must be joint or heads, got {self.mode!r}")
         if self.schedule not in ("sdn", "constant"):
@@ -119,21 +141,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def exit_accuracies(model: MultiExitNet, images: np.ndarray, labels: np.ndarray, preprocess: Preprocess,
-                    device: torch.device, batch_size: int = 256) -> list[float]:
-    """Top-1 accuracy (%) of every exit on centre-cropped uint8 images."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros(model.num_exits)
-    for start, x in zip(range(0, len(images), batch_size), eval_batches(images, preprocess, batch_size)):
-        y = torch.from_numpy(labels[start : start + batch_size])
-        for i, z in enumerate(model(x.to(device))):
-            correct[i] += (z.argmax(1).cpu() == y).sum()
-    model.train(was_training)
-    return (100.0 * correct / max(1, len(labels))).tolist()
-
-
 # ----------------------------------------------------------------------------------------------- set-up
 
 
@@ -161,13 +168,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def training_memory_format(device: torch.device, input_size: int) -> torch.memory_format:
-    """channels_last makes convolutions ~20% faster on GPUs and on CPUs for small inputs.
+    """channels_last on GPUs (~20% faster convolutions); the default layout on CPUs.
 
-    On CPU it is used only up to 32x32 inputs: with torch 2.13's CPU build, the backward pass of a stride-2 1x1
-    convolution on a channels_last input of 64x64 or more corrupts the heap and crashes (reproduced in
-    tests/test_train.py::test_large_inputs_train_on_cpu).
+    With torch 2.13's CPU build, the backward pass of convolutions on channels_last inputs corrupts the heap: always
+    at 64x64 and more (a stride-2 1x1 convolution; tests/test_train.py::test_large_inputs_train_on_cpu), and
+    intermittently at 24x24 too (aborts in backward, or a segfault at interpreter exit, in 2 of 2 runs of
+    tests/test_train.py + test_streaming.py; 0 of 3 with the default layout). A CPU run is ~20% slower for it.
     """
-    if device.type == "cuda" or input_size <= 32:
+    if device.type == "cuda":
         return torch.channels_last
     return torch.contiguous_format
 
@@ -187,44 +195,6 @@ def _subset(indices: np.ndarray, labels: Sequence[int], limit: int | None, seed:
     per_class = max(1, limit // len(classes))
     keep = [rng.permutation(indices[labels == c])[:per_class] for c in classes]
     return np.sort(np.concatenate(keep))
-
-
-def _preprocess_for(cfg: TrainConfig, train_images: np.ndarray, input_size: int) -> Preprocess:
-    if cfg.normalize == "imagenet" and cfg.channels == 3:
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    elif cfg.normalize == "half":
-        mean, std = (0.5,) * cfg.channels, (0.5,) * cfg.channels
-    else:
-        mean, std = channel_stats(train_images[: min(len(train_images), 5000)])
-    return Preprocess(cfg.channels, cfg.resize or input_size, input_size, mean, std)
-
-
-def load_init_weights(model: MultiExitNet, path: str) -> tuple[int, int]:
-    """Load a plain backbone state dict (``units.N...`` / ``fc...``, as ``Backbone`` names them) into the segments.
-
-    Returns (tensors loaded, tensors in the backbone). Shapes must match; unknown keys are an error.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read init weights {path}: {str(exc).splitlines()[0][:200]}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    target = backbone_state_names(model)
-    unknown = [k for k in state if k not in target]
-    if unknown:
-        raise CheckpointError(f"{path}: keys not in a {model.config.get('arch')} backbone: {', '.join(unknown[:3])}")
-    own = model.state_dict()
-    for key, value in state.items():
-        name = target[key]
-        if own[name].shape != value.shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[name].shape)}")
-        own[name] = value
-    model.load_state_dict(own)
-    return len(state), len(target)
 
 
 def backbone_state_names(model: MultiExitNet) -> dict[str, str]:
@@ -249,13 +219,92 @@ def model_config(cfg: TrainConfig, num_classes: int, input_size: int) -> dict:
     }
 
 
-def _infer_input_size(paths: Sequence[Path]) -> int:
-    from .imageio import image_size
+def load_init_weights(model: MultiExitNet, weights: InitWeights | str) -> tuple[int, int, list[str]]:
+    """Load pretrained backbone weights (any layout ``models.pretrained`` reads) into the model's segments and
+    final classifier. Returns (tensors loaded, tensors in the backbone, notes)."""
+    from .models.pretrained import load_into
 
-    return int(min(image_size(paths[0])))  # header only: a huge or broken first image is a one-line ImageError
+    if isinstance(weights, str):
+        weights = read_init_weights(weights)
+    target = backbone_state_names(model)
+    loaded, notes = load_into(model, weights, target)
+    return loaded, len(target), notes
 
 
-# ----------------------------------------------------------------------------------------------- main loop
+@dataclass
+class InputPlan:
+    """Input size, resize and normalisation of a run, and where each came from (printed, recorded)."""
+
+    input_size: int
+    resize: int
+    mean: tuple[float, ...] | None  # None: measure on the training images
+    std: tuple[float, ...] | None
+    source: str
+
+
+def plan_input(cfg: TrainConfig, weights: InitWeights | None) -> InputPlan:
+    """Command line first, then the pretrained weights' configuration, then the architecture's default size
+    (``DEFAULT_INPUT_SIZE``); normalisation ``auto`` follows the weights, else the training images' statistics."""
+    from .models.backbones import DEFAULT_INPUT_SIZE
+
+    pre = weights.preprocess if weights is not None else None
+    if cfg.input_size:
+        size, source = cfg.input_size, "--input-size"
+    elif pre:
+        size, source = int(pre["input_size"]), f"the pretrained weights' configuration ({weights.layout})"
+    else:
+        size, source = DEFAULT_INPUT_SIZE[cfg.arch], f"the default for {cfg.arch}"
+    resize = cfg.resize or (int(pre["resize"]) if pre and not cfg.input_size else size)
+    c = cfg.channels
+    if cfg.normalize == "imagenet" and c == 3:
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    elif cfg.normalize == "half":
+        mean, std = (0.5,) * c, (0.5,) * c
+    elif cfg.normalize == "auto" and pre and len(pre["mean"]) == c:
+        mean, std = tuple(pre["mean"]), tuple(pre["std"])
+    else:
+        mean, std = None, None
+    return InputPlan(int(size), int(max(resize, size)), mean, std, source)
+
+
+def _state_for_checkpoint(model: nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def loader_accuracies(model: MultiExitNet, loader, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                      skipped: SkipLog) -> list[float]:
+    """Top-1 accuracy (%) of every exit over a loader of evaluation-transformed batches."""
+    was_training = model.training
+    model.eval()
+    correct, total = torch.zeros(model.num_exits), 0
+    for batch in loader:
+        skipped.add(batch.errors)
+        if batch.images is None:
+            continue
+        x = to_model_input(batch.images, mean, std).to(device)
+        for i, z in enumerate(model(x)):
+            correct[i] += (z.argmax(1).cpu() == batch.labels).sum()
+        total += len(batch.labels)
+    model.train(was_training)
+    return (100.0 * correct / max(1, total)).tolist()
+
+
+def epoch_batches(n: int, per_rank: int, world: int, rank: int, steps: int, generator: torch.Generator
+                  ) -> list[list[tuple[int, int]]]:
+    """This rank's batches of one epoch: a seeded permutation cut into ``steps`` global batches, each item with its
+    own augmentation seed (drawn from the same generator, so a run is the same with any number of workers)."""
+    order = torch.randperm(n, generator=generator)[: steps * per_rank * world]
+    seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=generator)
+    order = order.view(steps, world, per_rank)[:, rank]
+    seeds = seeds.view(steps, world, per_rank)[:, rank]
+    return [list(zip(o.tolist(), s.tolist())) for o, s in zip(order, seeds)]
+
+
+def _epoch_line(epoch: int, epochs: int, ce: Sequence[float], lr: float, seconds: float, val: Sequence[float]) -> str:
+    """Each exit's plain cross-entropy (the weighted total grows as the SDN weights ramp up, so it is not shown)."""
+    return (f"epoch {epoch}/{epochs}  exit CE " + " ".join(f"{v:.3f}" for v in ce) + f"  lr {lr:.4f}  {seconds:.0f}s"
+            + ("  val acc % " + " ".join(f"{a:.1f}" for a in val) if val else ""))
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -263,6 +312,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 
     Returns the final checkpoint dict.
     """
+    from .data import (EpochBatches, EvalTransform, FolderDataset, TrainTransform, default_workers, fixed_batches,
+                       make_loader, resolve_augment, streamed_channel_stats)
+
     cfg.check()
     rank, world, local_rank = distributed_env()
     device = pick_device(cfg.device)
@@ -284,6 +336,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             if key in saved and saved[key] != getattr(cfg, key) and not (key in ("exits", "exit_fractions")):
                 raise CheckpointError(f"--resume: {cfg.out} was trained with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
         cfg.epochs = max(cfg.epochs, int(saved.get("epochs", cfg.epochs)))
+    weights = read_init_weights(cfg.init_weights) if cfg.init_weights and not resume_state else None
 
     classes = resume_state["classes"] if resume_state else None
     folder, train_idx, val_idx = load_split(cfg.data, cfg.val_fraction, cfg.seed, classes)
@@ -291,31 +344,50 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     val_idx = _subset(val_idx, folder.labels, None if cfg.limit is None else max(100, cfg.limit // 5), cfg.seed)
     if resume_state:
         check_split(resume_state.get("split") or {}, folder.root, [folder.paths[i] for i in val_idx], cfg.out)
-    input_size = int(resume_state["config"]["input_size"]) if resume_state else (cfg.input_size or _infer_input_size(folder.paths))
+    train_paths, train_labels = [folder.paths[i] for i in train_idx], [folder.labels[i] for i in train_idx]
+    val_paths, val_labels = [folder.paths[i] for i in val_idx], [folder.labels[i] for i in val_idx]
+    if not train_paths:
+        raise ValueError(f"no training images in {cfg.data}")
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    skipped = SkipLog()
 
-    t0 = time.perf_counter()
-    if resume_state:  # decode at the checkpoint's scale and channel count, whatever the command line says
-        saved_pre = Preprocess.from_dict(resume_state["preprocess"])
-        probe = Preprocess(saved_pre.channels, saved_pre.resize, saved_pre.crop, (0.0,) * saved_pre.channels,
-                           (1.0,) * saved_pre.channels)
+    if resume_state:
+        preprocess = Preprocess.from_dict(resume_state["preprocess"])
+        input_source = f"{cfg.out}"
     else:
-        probe = Preprocess(cfg.channels, cfg.resize or input_size, input_size, (0.0,) * cfg.channels, (1.0,) * cfg.channels)
-    train_set = decode_images([folder.paths[i] for i in train_idx], [folder.labels[i] for i in train_idx], probe, square=True)
-    preprocess = Preprocess.from_dict(resume_state["preprocess"]) if resume_state else _preprocess_for(cfg, train_set.images, input_size)
-    val_set = decode_images([folder.paths[i] for i in val_idx], [folder.labels[i] for i in val_idx], preprocess, square=False)
-    say(f"data: {len(train_set)} training and {len(val_set)} validation images in {len(folder.classes)} classes "
-        f"({train_set.skipped + val_set.skipped} unreadable skipped), decoded in {time.perf_counter() - t0:.1f}s")
-    if len(train_set) == 0:
-        raise ValueError(f"no readable training images in {cfg.data}")
+        plan = plan_input(cfg, weights)
+        mean, std = plan.mean, plan.std
+        if mean is None:  # statistics of (up to 512) training images, streamed
+            probe = Preprocess(cfg.channels, plan.resize, plan.input_size, (0.0,) * cfg.channels, (1.0,) * cfg.channels)
+            sample = _subset(np.arange(len(train_paths)), train_labels, 512, cfg.seed)
+            stats = FolderDataset([train_paths[i] for i in sample], [train_labels[i] for i in sample], cfg.channels,
+                                  EvalTransform(probe))
+            mean, std = streamed_channel_stats(make_loader(stats, fixed_batches(len(stats), 64), min(workers, 2)),
+                                               on_errors=skipped.add)
+        preprocess = Preprocess(cfg.channels, plan.resize, plan.input_size, tuple(mean), tuple(std))
+        input_source = plan.source
+    input_size = preprocess.crop
+    # Frozen backbone, no augmentation asked for: each head's input is a fixed function of the image, computed once.
+    use_cache = cfg.mode == "heads" and cfg.augment in ("auto", "none") and world == 1
+    augment = "none" if use_cache else resolve_augment(cfg.augment, input_size)
+    say(f"input: {input_size}x{input_size} px from {input_source}; every image is resized (shorter side "
+        f"{preprocess.resize}) and centre-cropped to it; training augmentation: {augment}"
+        + (" (heads mode: features computed once)" if use_cache else ""))
+    say(f"data: {len(train_paths)} training and {len(val_paths)} validation images in {len(folder.classes)} classes, "
+        f"streamed by {workers} loader process{'es' if workers != 1 else ''}")
 
     torch.manual_seed(cfg.seed)
     config = resume_state["config"] if resume_state else model_config(cfg, len(folder.classes), input_size)
     memory_format = training_memory_format(device, input_size)
     model = build_model(config).to(device, memory_format=memory_format)
     start_epoch, history, step = 0, [], 0
-    if cfg.init_weights and not resume_state:
-        loaded, total = load_init_weights(model, cfg.init_weights)
-        say(f"initialised {loaded}/{total} backbone tensors from {cfg.init_weights}")
+    pretrained = (resume_state or {}).get("pretrained")
+    if weights is not None:
+        loaded, total, notes = load_init_weights(model, weights)
+        say(f"initialised {loaded}/{total} backbone tensors from {cfg.init_weights} ({weights.layout} layout)"
+            + "".join(f"; {n}" for n in notes))
+        pretrained = {"path": str(Path(cfg.init_weights).resolve()), "layout": weights.layout, "loaded": loaded,
+                      "total": total, "notes": notes, "preprocess": dict(weights.preprocess) if weights.preprocess else None}
     costs = model.costs()
     fractions = costs.cumulative_fraction
 
@@ -336,69 +408,115 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    augment = Augment(preprocess)
-    per_rank = max(1, min(cfg.batch_size // world, len(train_set) // world))  # a data set smaller than a batch
-    steps_per_epoch = max(1, len(train_set) // (per_rank * world))
+    mean_t = torch.tensor(preprocess.mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(preprocess.std).view(1, -1, 1, 1)
+    val_loader = make_loader(FolderDataset(val_paths, val_labels, cfg.channels, EvalTransform(preprocess)),
+                             fixed_batches(len(val_paths), 64), workers) if is_main and val_paths else None
+    per_rank = max(1, min(cfg.batch_size // world, len(train_paths) // world))  # a data set smaller than a batch
+    steps_per_epoch = max(1, len(train_paths) // (per_rank * world))
     total_steps, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
-    images = torch.from_numpy(train_set.images)
-    labels = torch.from_numpy(train_set.labels)
     checkpoint: dict = resume_state or {}
+    cache = None
+    if use_cache:
+        from .feature_cache import HeadFeatureCache
 
-    for epoch in range(start_epoch, cfg.epochs):
-        t_epoch = time.perf_counter()
-        generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        order = torch.randperm(len(train_set), generator=generator)[: steps_per_epoch * per_rank * world]
-        order = order.view(steps_per_epoch, world, per_rank)[:, rank]
-        weights = exit_weights(fractions, epoch, cfg.epochs, cfg.schedule)
-        net.train()
-        if cfg.mode == "heads":
-            model.segments.eval()  # frozen backbone: BatchNorm keeps its running statistics
-        sums, count = np.zeros(model.num_exits + 1), 0
-        bar = _progress(progress and is_main, f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch)
-        for batch in order:
+        t0 = time.perf_counter()
+        source = make_loader(FolderDataset(train_paths, train_labels, cfg.channels, EvalTransform(preprocess)),
+                             fixed_batches(len(train_paths), max(1, min(64, cfg.batch_size))), workers)
+        cache = HeadFeatureCache.build(model, source, mean_t, std_t, device, memory_format, cfg.cache_mb,
+                                       skipped.add, progress=_progress(progress and is_main, "caching features",
+                                                                       len(source)))
+        say(f"heads mode: each exit's input features cached once ({cache.describe()}) in "
+            f"{time.perf_counter() - t0:.0f}s")
+        skipped.report()
+        if len(cache) == 0:
+            raise ValueError(f"no readable training images in {cfg.data}")
+        per_rank = max(1, min(cfg.batch_size, len(cache)))
+        steps_per_epoch = max(1, len(cache) // per_rank)
+        total_steps, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
+        train_loader = sampler = None
+    else:
+        sampler = EpochBatches()
+        transform = TrainTransform(preprocess, augment)
+        train_loader = make_loader(FolderDataset(train_paths, train_labels, cfg.channels, transform), sampler, workers)
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            weights_now = exit_weights(fractions, epoch, cfg.epochs, cfg.schedule)
+            net.train()
+            if cfg.mode == "heads":
+                model.segments.eval()  # frozen backbone: BatchNorm keeps its running statistics
+            sums, ce_sums, count = np.zeros(model.num_exits + 1), np.zeros(model.num_exits), 0
+            bar = _progress(progress and is_main, f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch)
+            if cache is not None:
+                batches = cache.epoch_batches(per_rank, steps_per_epoch, generator)
+            else:
+                sampler.set_batches(epoch_batches(len(train_paths), per_rank, world, rank, steps_per_epoch, generator))
+                batches = train_loader
             lr = lr_at(step, total_steps, warmup, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = augment(images[batch], generator).to(device, memory_format=memory_format, non_blocking=True)
-            y = labels[batch].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = net(x)
-            loss, parts = multi_exit_loss([z.float() for z in logits], y, weights, cfg.distill, cfg.distill_temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += [float(loss.detach()), *parts]
-            count += 1
-            step += 1
-            bar.advance()
-        bar.close()
-        means = sums / max(1, count)
-        val = exit_accuracies(model, val_set.images, val_set.labels, preprocess, device) if is_main and (
-            (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) else []
-        result = EpochResult(epoch + 1, float(means[0]), means[1:].tolist(), val, lr, time.perf_counter() - t_epoch)
-        history.append(asdict(result))
-        say(f"epoch {epoch + 1}/{cfg.epochs}  loss {result.loss:.3f}  lr {lr:.4f}  {result.seconds:.0f}s  "
-            + ("val acc % " + " ".join(f"{a:.1f}" for a in val) if val else ""))
-        if is_main:
-            checkpoint = {
-                "config": model.config, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "classes": list(folder.classes), "preprocess": preprocess.to_dict(),
-                "split": {"data": str(Path(cfg.data).resolve()), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                          "num_train": len(train_set), "num_val": len(val_set), "limit": cfg.limit,
-                          "val_files_sha256": split_fingerprint(folder.root, [folder.paths[i] for i in val_idx])},
-                "costs": costs.to_dict(), "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
-                "history": history, "train_config": {**asdict(cfg), "epochs": cfg.epochs},
-                "versions": {"edgeexit": __version__, "torch": str(torch.__version__)},
-                "policy": None,  # weights changed: any earlier calibration no longer applies
-            }
-            save_checkpoint(cfg.out, checkpoint)
+            for batch in batches:
+                lr = lr_at(step, total_steps, warmup, cfg.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if cache is not None:
+                    logits, y = cache.forward_heads(model, batch, device)
+                else:
+                    skipped.add(batch.errors)
+                    if batch.images is None:
+                        step += 1
+                        continue
+                    x = to_model_input(batch.images, mean_t, std_t).to(device, memory_format=memory_format,
+                                                                         non_blocking=True)
+                    y = batch.labels.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        logits = net(x)
+                logits = [z.float() for z in logits]
+                loss, parts = multi_exit_loss(logits, y, weights_now, cfg.distill, cfg.distill_temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums += [float(loss.detach()), *parts]
+                ce_sums += [float(F.cross_entropy(z.detach(), y)) for z in logits]
+                count += 1
+                step += 1
+                bar.advance()
+            bar.close()
+            means, ce = sums / max(1, count), (ce_sums / max(1, count)).tolist()
+            val = loader_accuracies(model, val_loader, mean_t, std_t, device, skipped) if val_loader is not None and (
+                (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) else []
+            skipped.report()
+            result = EpochResult(epoch + 1, float(means[0]), means[1:].tolist(), val, lr, time.perf_counter() - t_epoch,
+                                 {"exit_ce": ce, "exit_weights": list(weights_now), "skipped": skipped.count})
+            history.append(asdict(result))
+            say(_epoch_line(epoch + 1, cfg.epochs, ce, lr, result.seconds, val))
+            if is_main:
+                checkpoint = {
+                    "config": model.config, "state_dict": _state_for_checkpoint(model),
+                    "classes": list(folder.classes), "preprocess": preprocess.to_dict(),
+                    "split": {"data": str(Path(cfg.data).resolve()), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                              "num_train": len(train_paths), "skipped": skipped.count,
+                              "num_val": len(val_paths), "limit": cfg.limit,
+                              "val_files_sha256": split_fingerprint(folder.root, val_paths)},
+                    "costs": costs.to_dict(), "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
+                    "history": history, "train_config": {**asdict(cfg), "epochs": cfg.epochs},
+                    "versions": {"edgeexit": __version__, "torch": str(torch.__version__)},
+                    "pretrained": pretrained, "augment": augment,
+                    "policy": None,  # weights changed: any earlier calibration no longer applies
+                }
+                save_checkpoint(cfg.out, checkpoint)
+    finally:
+        if cache is not None:
+            cache.close()
+    if skipped.count and is_main:
+        say(f"data: {skipped.count} unreadable images skipped")
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return checkpoint
-
 
 class _progress:
     """A rich progress bar when interactive; silent otherwise (CI logs stay readable)."""

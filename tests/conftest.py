@@ -65,3 +65,16 @@ def tiny_bundle(tmp_path_factory, tiny_ckpt) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
     return export_bundle(tiny_ckpt, out, samples=16, log=lambda _m: None)
+
+
+def write_photo_folder(root: Path, classes=("circle", "square", "stripes"), per_class: int = 10,
+                       sizes=(200, 1000), seed: int = 0) -> Path:
+    """Camera-like photos: the synthetic patterns of ``write_folder`` upscaled to random sizes (JPEG, any aspect)."""
+    rng = np.random.default_rng(seed)
+    small = write_folder(root.parent / f".{root.name}-small", classes, per_class, 32, seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for src in sorted((small / name).iterdir()):
+            w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+            Image.open(src).resize((w, h), Image.BILINEAR).save(root / name / f"{src.stem}.jpg", quality=90)
+    return root

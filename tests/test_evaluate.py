@@ -195,3 +195,39 @@ def test_evaluate_uses_each_gates_kept_exits(tiny_ckpt, test_folder, tmp_path):
         hist = np.asarray(g["histogram"])
         assert g["mean_cost"] == pytest.approx((hist[1] * g["exit_cost"][1] + hist[3] * g["exit_cost"][3]) / hist.sum())
         assert report["corruptions"]["blur"]["severities"]["2"]["gates"][name]["histogram"][0] == 0
+
+
+def test_explain_grids_carry_a_legend_of_their_abbreviations():
+    from edgeexit.explain import abbreviation_legend
+    from edgeexit.gates import GATES
+
+    legend = abbreviation_legend()
+    for spec in GATES.values():  # salH, pat, cos ... each explained
+        assert f"{spec.label} = {spec.description}" in legend
+    assert max(len(line) for line in legend.splitlines()) < 200
+
+
+def test_evaluate_flags_a_loss_beyond_target_and_calibration_interval(calibrated, test_folder, tmp_path):
+    from edgeexit.checkpoint import save_checkpoint
+    from edgeexit.evaluate import evaluate
+
+    ckpt = load_checkpoint(calibrated)
+    assert ckpt["calibration"]["confidence"]["method"] == "paired percentile bootstrap"
+    logs: list[str] = []
+    report = evaluate(calibrated, test_folder, out=tmp_path / "r0", plots=False, log=logs.append)
+    loss = report["gates"][report["winner"]]["drop"]
+    assert report["calibration"]["confidence"] == ckpt["calibration"]["confidence"]
+    # the same checkpoint with a target and an interval both below the loss measured here: flagged, once
+    ckpt["calibration"]["target"]["max_drop"] = loss - 1.0
+    ckpt["calibration"]["confidence"]["drop"].update(low=loss - 3.0, high=loss - 0.5)
+    save_checkpoint(tmp_path / "tight.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    logs = []
+    evaluate(tmp_path / "tight.pt", test_folder, out=tmp_path / "r1", plots=False, log=logs.append)
+    flags = [m for m in logs if "exceeds the" in m]
+    assert len(flags) == 1 and flags[0].startswith("edgeexit: warning: the accuracy loss here")
+    # an interval that reaches the loss: not flagged (the calibration split's noise explains it)
+    ckpt["calibration"]["confidence"]["drop"].update(high=loss + 0.5)
+    save_checkpoint(tmp_path / "wide.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    logs = []
+    evaluate(tmp_path / "wide.pt", test_folder, out=tmp_path / "r2", plots=False, log=logs.append)
+    assert not [m for m in logs if "exceeds the" in m]

@@ -134,3 +134,42 @@ def test_bring_your_own_backbone():
         from_backbone(user, ["nope"], (3, 16, 16))
     with pytest.raises(ValueError, match="forward order"):
         from_backbone(user, ["layer1", "stem"], (3, 16, 16))
+
+
+@pytest.mark.parametrize("make, size, exits, cut_names", [
+    ("TVResNet18", 64, [0, 1, 2], ["layer1", "layer2", "layer3"]),  # functional flatten between pool and fc
+    ("TVMobileNetV2", 64, [3, 6, 13], ["features.3", "features.6", "features.13"]),  # functional pool; Dropout+Linear
+    ("TVMobileNetV3Like", 32, [1, 2], ["features.1", "features.2"]),  # MLP classifier after the pool
+    ("TVEfficientNetLike", 32, [0, 2], ["features.0", "features.2"]),
+    ("TimmStyleResNet", 32, [0, 2], ["act1", "layer2"]),  # forward_intermediates / feature_info stages
+    ("TimmMobileNetV2", 64, [1, 2, 3], ["blocks.1", "blocks.2", "blocks.4"]),  # stages inside a container
+])
+def test_from_backbone_understands_torchvision_and_timm_shapes(make, size, exits, cut_names):
+    from . import lookalikes
+
+    torch.manual_seed(0)
+    user = getattr(lookalikes, make)(num_classes=5).eval()
+    model = from_backbone(user, exits=exits, input_shape=(3, size, size)).eval()
+    assert model.num_exits == len(exits) + 1 and model.config["cut_after"] == cut_names
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[-1], user(x), atol=1e-4, rtol=1e-4)
+        outs = model.forward_exits(x)
+    for head, o in zip(model.heads, outs):  # every exit stays CAM-ready: mean of its map = logit of its class - bias
+        pred = o.logits.argmax(1)
+        torch.testing.assert_close(o.cam.mean(dim=(1, 2)), o.logits.gather(1, pred[:, None])[:, 0] - head.fc.bias[pred],
+                                   atol=1e-4, rtol=1e-4)
+    by_name = from_backbone(user, cut_names, (3, size, size))
+    assert [len(s) for s in by_name.segments] == [len(s) for s in model.segments]
+    with pytest.raises(ValueError, match="stage index 99 out of range"):
+        from_backbone(user, exits=[99], input_shape=(3, size, size))
+
+
+def test_from_backbone_keeps_an_mlp_classifier_exact_as_a_pooled_neck():
+    from edgeexit.models.multiexit import PooledNeck
+
+    from .lookalikes import TVMobileNetV3Like
+
+    model = from_backbone(TVMobileNetV3Like(num_classes=5).eval(), exits=[1], input_shape=(3, 32, 32))
+    assert isinstance(model.segments[-1][-1], PooledNeck)
+    assert model.forward_exits(torch.randn(1, 3, 32, 32))[-1].cam.shape[1:] == (1, 1)

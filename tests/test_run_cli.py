@@ -115,7 +115,8 @@ def test_run_save_pngs_for_images(bundle_dir, tiny_folder, tmp_path):
     assert len(json_lines(result.stdout)) == 4
     pngs = sorted(save.rglob("*.png"))
     assert len(pngs) == 4 and pngs[0].parent.name == "circle"
-    assert min(Image.open(pngs[0]).size) >= 256
+    source = tiny_folder / pngs[0].relative_to(save)
+    assert Image.open(pngs[0]).size == Image.open(source).size  # annotated at the source's resolution
     assert "edgeexit: bundle" not in result.stderr  # --quiet
 
 
@@ -171,7 +172,7 @@ def test_corrupt_image_is_skipped_and_counted(bundle_dir, tiny_folder, tmp_path)
     assert len(json_lines(out.read_text())) == 36
     warnings = [l for l in result.stderr.splitlines() if "warning: skipped" in l]
     assert len(warnings) == 2 and any("broken.png" in w for w in warnings)
-    row = next(l for l in result.stdout.splitlines() if "skipped" in l)
+    row = next(l for l in result.stdout.splitlines() if "skipped (unreadable)" in l)
     assert row.rstrip(" │|").split()[-1] == "2"
 
 

@@ -504,8 +504,12 @@ def test_annotate_and_jet(tmp_path):
     cam = np.zeros((4, 4), np.float32)
     cam[1, 2] = 1.0
     pic = annotate(frame, Decision(0, "circle", 0.9, 2, cam=cam), resize=24, crop=24)
-    assert pic.dtype == np.uint8 and pic.shape[2] == 3 and min(pic.shape[:2]) >= 256
-    assert not np.array_equal(pic[100:200, 100:200], np.full((100, 100, 3), 120))  # the overlay is there
+    assert pic.dtype == np.uint8 and pic.shape == frame.shape  # the source's resolution
+    # crop box (0, 8, 48, 56), map peak in cell (1, 2): rows 12-24, columns 32-44 of the frame
+    assert not np.array_equal(pic[14:22, 34:42], frame[14:22, 34:42])  # the overlay is there
+    assert np.array_equal(pic[36:46, 12:20], frame[36:46, 12:20])  # where the map is 0 the frame is untouched
+    assert (pic[12:26, 30:46] == 255).all(axis=2).any()  # the outline of the map's upper half
+    assert pic[1, 60].max() > 0  # the text bar darkens the frame, it does not black it out
     saver = FrameSaver(tmp_path / "png", SimpleNamespace(kind="folder", fps=None),
                        SimpleNamespace(resize=24, crop=24))
     saver.save(Frame(0, frame, "cls/../../x.jpg"), Decision(0, "circle", 0.9, 2, cam=cam))

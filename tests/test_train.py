@@ -118,9 +118,23 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     (data / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (data / "square" / "empty.jpg").write_bytes(b"")
     logs: list[str] = []
-    with pytest.warns(UserWarning, match="broken.png|empty.jpg"):
-        train(_cfg(data, tmp_path / "m.pt", epochs=1, val_fraction=0.2), log=logs.append, progress=False)
-    assert any("2 unreadable skipped" in m for m in logs), logs
+    with pytest.warns(UserWarning) as record:
+        ckpt = train(_cfg(data, tmp_path / "m.pt", epochs=2, val_fraction=0.2), log=logs.append, progress=False)
+    # one warning for both files, not one per file or per epoch
+    assert len(record) == 1 and "skipped 2 unreadable images" in str(record[0].message), [str(r.message) for r in record]
+    assert any("2 unreadable images skipped" in m for m in logs), logs
+    assert ckpt["split"]["skipped"] == 2
+
+
+def test_cli_prints_unreadable_images_as_one_warning_line(tmp_path):
+    data = write_folder(tmp_path / "data", per_class=6)
+    (data / "circle" / "broken.png").write_bytes(b"not a png")
+    r = _cli("train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--arch", "resnet20", "--width", "0.25",
+             "--exits", "2", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgeexit: warning: skipped 1 unreadable image: "), r.stderr
+    assert "input: 32x32 px from the default for resnet20" in r.stdout
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
@@ -200,3 +214,43 @@ def test_resume_refuses_a_changed_split_and_drops_calibration(tmp_path, monkeypa
     write_folder(tmp_path / "data", per_class=12, seed=5)  # more files: another split
     with pytest.raises(ValueError, match="held-out split"):
         train(_cfg(data, out, epochs=3, resume=True), log=lambda _m: None, progress=False)
+
+
+def test_wrong_files_and_names_are_one_line_errors_before_any_work(tmp_path, tiny_folder):
+    from PIL import Image
+
+    png = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    for args in (("calibrate", str(png)), ("train", "--data", str(tiny_folder), "--out", str(tmp_path / "m.pt"),
+                                           "--arch", "resnet18", "--init-weights", str(png))):
+        r = _cli(*args)
+        assert r.returncode == 2 and r.stderr.strip().endswith(f"{png}: it is a PNG image"), r.stderr
+        assert "weights_only" not in r.stderr and r.stderr.count("\n") == 1
+    torch.save({"a": np.zeros(1).dtype}, tmp_path / "object.pt")  # not tensors: refused by weights_only
+    r = _cli("calibrate", str(tmp_path / "object.pt"))
+    assert r.returncode == 2 and "weights_only" not in r.stderr and "Please use" not in r.stderr, r.stderr
+    r = _cli("train", "--data", str(tmp_path / "not-read"), "--out", str(tmp_path / "m.pt"), "--arch", "resnet21")
+    assert r.returncode == 2 and "unknown architecture 'resnet21'" in r.stderr  # before the folder is looked at
+
+
+def test_cli_sets_a_passive_omp_wait_policy_unless_the_user_chose(monkeypatch):
+    import edgeexit.cli as cli
+
+    for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if preset is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+        monkeypatch.setattr(sys, "argv", ["edgeexit", "--version"])
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert os.environ["OMP_WAIT_POLICY"] == expected
+
+
+def test_usage_lines_and_help_read_as_usual(tmp_path):
+    r = _cli("explain", "--help")
+    assert "explain [OPTIONS] CKPT IMAGE..." in r.stdout and "{" not in r.stdout and "list[" not in r.stdout
+    r = _cli("run", "--help")
+    assert "run [OPTIONS] [BUNDLE] [SOURCE]" in r.stdout
+    r = _cli("export", "--help", env={**os.environ, "COLUMNS": "200"})
+    assert "[required when CKPT is a checkpoint]" in r.stdout

@@ -115,7 +115,7 @@ def _prepare_target(out: Path, force: bool) -> None:
     if not out.exists() and not out.is_symlink():
         return
     if not force:
-        raise FileExistsError(f"{out} exists: pass --force (force=True) to replace it")
+        raise FileExistsError(f"{out} exists: pass --force to replace it, or choose another --out")
     if out.is_symlink() or not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory: refusing to replace it")
     if not is_bundle_dir(out) and any(out.iterdir()):

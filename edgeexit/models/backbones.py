@@ -144,11 +144,17 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
     "mobilenetv2": mobilenetv2,
 }
 SMALL_INPUT_ARCHS = ("resnet18", "mobilenetv2")
+# Input side each backbone was designed for: CIFAR ResNets at 32 px, the ImageNet networks at 224 px.
+DEFAULT_INPUT_SIZE = {"resnet20": 32, "resnet32": 32, "resnet56": 32, "resnet18": 224, "mobilenetv2": 224}
+
+
+def check_arch(arch: str) -> None:
+    if arch not in BACKBONES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(BACKBONES)}")
 
 
 def build_backbone(arch: str, num_classes: int, in_chans: int = 3, width: float = 1.0, small_input: bool = False) -> Backbone:
-    if arch not in BACKBONES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(BACKBONES)}")
+    check_arch(arch)
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, width=width)
     if arch in SMALL_INPUT_ARCHS:
         kwargs["small_input"] = small_input

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Sequence
 
 import torch
@@ -196,47 +197,146 @@ def multi_exit(
     return build_model(config)
 
 
-_POOLING = (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+_POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
+_PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
+_CLASSIFIER_NAMES = ("fc", "classifier", "head")
+
+
+class PooledNeck(nn.Module):
+    """Layers a classifier applies after global average pooling (e.g. MobileNetV3's Linear -> Hardswish before its
+    last Linear), as a unit of the feature path: GAP, the layers, then a 1 x 1 map, so the final exit stays
+    GAP + linear (CAM-ready; its map is 1 x 1) and computes exactly what the original classifier did."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.mean(dim=(2, 3)))[:, :, None, None]
+
+
+def _is_pooling(name: str, module: nn.Module) -> bool:
+    return isinstance(module, _POOLING) or name.endswith("global_pool")
+
+
+def _flat_children(model: nn.Module, expand: set[str]) -> list[tuple[str, nn.Module]]:
+    """Top-level children in definition order, the containers named in ``expand`` replaced by their children."""
+    out = []
+    for name, child in model.named_children():
+        if name in expand:
+            out += [(f"{name}.{k}", c) for k, c in child.named_children()]
+        else:
+            out.append((name, child))
+    return out
+
+
+def _split_classifier(name: str, module: nn.Module) -> tuple[list[nn.Module], nn.Linear]:
+    """(layers before the last Linear, that Linear) of a classifier: a Linear, or a Sequential such as
+    Dropout -> Linear (MobileNetV2, EfficientNet) or Linear -> Hardswish -> Dropout -> Linear (MobileNetV3)."""
+    if isinstance(module, nn.Linear):
+        return [], module
+    layers = [m for m in module.children()] if isinstance(module, nn.Sequential) else []
+    while layers and isinstance(layers[-1], _PASS_THROUGH):
+        layers.pop()
+    if not layers or not isinstance(layers[-1], nn.Linear):
+        raise ValueError(f"classifier {name!r} must be an nn.Linear or a Sequential ending in one, got "
+                         f"{type(module).__name__}")
+    return [m for m in layers[:-1] if not isinstance(m, _PASS_THROUGH)], layers[-1]
+
+
+def _structure(model: nn.Module, classifier: str) -> tuple[list[tuple[str, nn.Module]], str, list[int]]:
+    """(feature path as (name, module) units, classifier child name, unit index of every stage).
+
+    Stages: timm's ``feature_info`` modules when the model offers ``forward_intermediates``; the children of
+    ``features`` (torchvision MobileNet / EfficientNet); ``layerN`` children (ResNet family); else every unit."""
+    children = dict(model.named_children())
+    timm_like = hasattr(model, "forward_intermediates") and hasattr(model, "feature_info")
+    stage_names: list[str] = []
+    if timm_like:
+        stage_names = [str(d["module"]) for d in model.feature_info]
+        expand = {n.split(".")[0] for n in stage_names if "." in n}
+    else:
+        expand = {"features"} if isinstance(children.get("features"), nn.Sequential) else set()
+    if classifier == "auto":
+        found = ""
+        if timm_like and hasattr(model, "get_classifier"):
+            head = model.get_classifier()
+            found = next((n for n, c in children.items() if c is head), "")
+        classifier = found or next((n for n in _CLASSIFIER_NAMES if n in children), "")
+        if not classifier:
+            raise ValueError(f"model has no classifier child ({', '.join(_CLASSIFIER_NAMES)}); pass classifier=NAME "
+                             f"(children: {', '.join(children)})")
+    if classifier not in children:
+        raise ValueError(f"model has no child named {classifier!r} (children: {', '.join(children)})")
+    flat = _flat_children(model, expand)
+    names = [n for n, _ in flat]
+    end = names.index(classifier)
+    for tail_name in names[end + 1 :]:
+        raise ValueError(f"child {tail_name!r} comes after the classifier {classifier!r}: cannot cut this model")
+    before = flat[:end]
+    pool = next((k for k, (n, m) in enumerate(before) if _is_pooling(n, m)), len(before))
+    neck = [m for n, m in before[pool + 1 :] if not isinstance(m, _PASS_THROUGH)]
+    units = before[:pool]
+    more, fc = _split_classifier(classifier, children[classifier])
+    if neck or more:
+        units.append(("neck", PooledNeck([*neck, *more])))
+    unit_names = [n for n, _ in units]
+    if not stage_names:
+        stage_names = ([n for n in unit_names if n.startswith("features.")] if expand else
+                       [n for n in unit_names if re.fullmatch(r"layer\d+", n)]) or unit_names
+    missing = [n for n in stage_names if n not in unit_names]
+    if missing:
+        raise ValueError(f"stage {missing[0]!r} is not a child on the feature path ({', '.join(unit_names)})")
+    return units, fc, [unit_names.index(n) for n in stage_names]
 
 
 def from_backbone(
     model: nn.Module,
-    cut_after: Sequence[str],
-    input_shape: tuple[int, int, int],
+    cut_after: Sequence[str] | None = None,
+    input_shape: tuple[int, int, int] = (3, 224, 224),
     *,
-    classifier: str = "fc",
+    exits: Sequence[int] | None = None,
+    classifier: str = "auto",
     head_grid: int = 8,
     head_width: int | None = None,
     atol: float = 1e-4,
 ) -> MultiExitNet:
-    """Cut a user's torch model at named child modules and attach CAM-ready exit heads.
+    """Cut a user's torch model into segments and attach CAM-ready exit heads after them.
 
-    The model's forward must run through its children in order: ``children... -> [avgpool, flatten, dropout]
-    -> classifier (nn.Linear)``, as torchvision-style ResNets do. This is checked numerically; a model that
-    does anything else in ``forward`` (functional ops, skips between children) is rejected with a clear error.
-    The model is deep-copied; its weights are shared with nothing.
+    Understood shapes (``classifier="auto"`` finds ``fc``, ``classifier`` or ``head``, or timm's
+    ``get_classifier()``):
+
+    - ResNet family (torchvision, timm): ``conv1, bn1, relu, maxpool, layer1..4, avgpool, fc``; stages ``layerN``;
+    - ``features`` + pooling + ``classifier`` (torchvision MobileNetV2/V3, EfficientNet); stages = the children of
+      ``features``; a classifier with layers before its last Linear (MobileNetV3) keeps them as a last unit
+      applied after pooling (``PooledNeck``);
+    - any model offering timm's ``forward_intermediates`` and ``feature_info``: stages = its ``feature_info``
+      modules (children, or children of one container such as ``blocks``).
+
+    Exits: ``cut_after`` names units (``"layer2"``, ``"features.6"``, ``"blocks.3"``) or ``exits`` gives stage
+    indices (``exits=[0, 1, 2]``: after the first three stages). The model must compute
+    ``classifier(pool(units...(x)))`` with nothing else in between (flatten and dropout aside): this is checked
+    numerically, and a model whose forward does anything else (functional ops, skips across children) is
+    rejected with a clear error. The model is deep-copied; its weights are shared with nothing.
     """
+    if (cut_after is None) == (exits is None):
+        raise ValueError("give cut_after (unit names) or exits (stage indices), one of them")
     model = copy.deepcopy(model).eval()
-    named = list(model.named_children())
-    names = [n for n, _ in named]
-    if classifier not in names:
-        raise ValueError(f"model has no child named {classifier!r} (children: {', '.join(names)})")
-    fc = dict(named)[classifier]
-    if not isinstance(fc, nn.Linear):
-        raise ValueError(f"classifier {classifier!r} must be an nn.Linear, got {type(fc).__name__}")
-    feature_end = names.index(classifier)
-    while feature_end > 0 and isinstance(named[feature_end - 1][1], _POOLING):
-        feature_end -= 1
-    feature_names = names[:feature_end]
-    for tail_name in names[names.index(classifier) + 1 :]:
-        raise ValueError(f"child {tail_name!r} comes after the classifier {classifier!r}: cannot cut this model")
+    named, fc, stages = _structure(model, classifier)
+    feature_names = [n for n, _ in named]
+    if exits is not None:
+        bad = [e for e in exits if not 0 <= int(e) < len(stages)]
+        if bad:
+            raise ValueError(f"stage index {bad[0]} out of range: the model has {len(stages)} stages "
+                             f"({', '.join(feature_names[i] for i in stages)})")
+        cut_after = [feature_names[stages[int(e)]] for e in exits]
     missing = [n for n in cut_after if n not in feature_names]
     if missing:
         raise ValueError(f"cannot cut after {', '.join(missing)}: feature children are {', '.join(feature_names)}")
     indices = [feature_names.index(n) for n in cut_after]
     if indices != sorted(indices) or len(set(indices)) != len(indices):
         raise ValueError(f"cut points must be distinct and in forward order, got {list(cut_after)}")
-    units = [dict(named)[n] for n in feature_names]
+    units = [m for _, m in named]
     _check_sequential(model, units, fc, input_shape, atol)
     config = {
         "arch": "custom", "model_class": type(model).__name__, "cut_after": list(cut_after),

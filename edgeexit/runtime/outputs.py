@@ -3,8 +3,9 @@
 - :class:`JsonlWriter`: stdout or a file; every line is written whole and flushed at once, so an interrupted run
   keeps every line already written.
 - :class:`FrameSaver`: PNG files for image sources, one video (``cv2.VideoWriter``: .mp4, else .avi) for video and
-  live sources. Each frame shows the predicted label, its confidence and the exit index, with the CAM of the
-  deciding exit as a jet overlay over the centre crop the model saw.
+  live sources. Each frame, at the source's resolution, shows the predicted label, its confidence and the exit
+  index, with the CAM of the deciding exit over the centre crop the model saw: jet colours whose opacity follows
+  the map (the object stays visible where the model does not look) and an outline of the map's upper half.
 
 Only numpy and pillow are needed for PNGs; OpenCV is imported for videos only.
 """
@@ -31,7 +32,6 @@ __all__ = [
     "crop_box",
 ]
 
-_MIN_SIDE = 256  # small frames (e.g. 32x32) are enlarged before drawing so the text stays readable
 
 
 def _num(value: Any, digits: int = 6) -> Optional[float]:
@@ -187,15 +187,31 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Pixels of ``mask`` (bool HxW) within ``width`` pixels of its border (4-neighbour erosion, numpy only)."""
+    inner = mask.copy()
+    for _ in range(max(1, width)):
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        shrunk[[0, -1], :] = False
+        shrunk[:, [0, -1]] = False
+        inner = shrunk
+    return mask & ~inner
+
+
 def annotate(
     image: np.ndarray,
     decision: Any,
     resize: Optional[int] = None,
     crop: Optional[int] = None,
-    alpha: float = 0.45,
+    alpha: float = 0.6,
 ) -> np.ndarray:
-    """An annotated copy (uint8 RGB) of a frame: the CAM of the deciding exit as a jet overlay on the centre crop
-    (``resize``/``crop`` from the bundle's preprocessing; the whole frame when omitted), and a text bar with the
+    """An annotated copy (uint8 RGB, the frame's own size) of a frame: the CAM m (scaled to [0, 1]) of the deciding
+    exit over the centre crop (``resize``/``crop`` from the bundle's preprocessing; the whole frame when omitted),
+    blended per pixel with opacity ``alpha * m`` and outlined where m >= 0.5, and a see-through text bar with the
     label, the confidence and the exit index (or the failure)."""
     img = np.asarray(image)
     if img.ndim == 2:
@@ -208,11 +224,8 @@ def annotate(
         top, left, bottom, right = crop_box(h, w, resize, crop)
     else:
         top, left, bottom, right = 0, 0, h, w
-    factor = max(1, math.ceil(_MIN_SIDE / max(1, min(h, w))))
-    if factor > 1:
-        img = np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
-        top, left, bottom, right = top * factor, left * factor, bottom * factor, right * factor
     out = img.astype(np.float32)
+    line = max(1, min(h, w) // 200)
     cam = getattr(decision, "cam", None)
     if cam is not None and not decision.failed and bottom > top and right > left:
         m = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -220,22 +233,24 @@ def annotate(
         peak = float(m.max()) if m.size else 0.0
         m = m / peak if peak > 0 else m
         resized = np.asarray(Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize((right - left, bottom - top), Image.BILINEAR))
-        overlay = jet(resized).astype(np.float32)
+        weight = (alpha * np.clip(resized, 0.0, 1.0))[:, :, None]
         region = out[top:bottom, left:right]
-        out[top:bottom, left:right] = (1.0 - alpha) * region + alpha * overlay
+        region[...] = (1.0 - weight) * region + weight * jet(resized).astype(np.float32)
+        region[outline(resized >= 0.5, line)] = (255.0, 255.0, 255.0)
     pil = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     if (top, left, bottom, right) != (0, 0, pil.height, pil.width):
-        draw.rectangle([left, top, right - 1, bottom - 1], outline=(255, 255, 255), width=max(1, pil.width // 400))
+        draw.rectangle([left, top, right - 1, bottom - 1], outline=(255, 255, 255), width=line)
     if decision.failed:
         text = f"FAILED: {decision.failed or ''}"[:80]
     else:
         text = f"{decision.label} {100 * float(decision.confidence):.0f}%  exit {decision.exit}"
-    size = max(12, pil.height // 24)
-    font = _font(size)
+    size = max(8, min(pil.height, pil.width) // 20)
     bar = int(size * 1.6)
-    draw.rectangle([0, 0, pil.width, bar], fill=(0, 0, 0))
-    draw.text((size // 3, (bar - size) // 2), text, fill=(255, 255, 255), font=font)
+    shaded = np.asarray(pil).copy()
+    shaded[:bar] = shaded[:bar] // 2  # darkened, not blacked out: the frame stays visible under the text
+    pil = Image.fromarray(shaded)
+    ImageDraw.Draw(pil).text((size // 3, (bar - size) // 2), text, fill=(255, 255, 255), font=_font(size))
     return np.asarray(pil)
 
 

@@ -1041,7 +1041,7 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
                       file=file)
         file.flush()
         return
-    table = Table(title=title, title_justify="left")
+    table = Table()  # the title goes on a line of its own: as a table title it would wrap at the table's width
     for c, name in enumerate(header):
         table.add_column(name, justify="left" if c in (0, len(header) - 1) else "right")
     first = True
@@ -1055,6 +1055,7 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
             table.add_row(*row)
     isatty = hasattr(file, "isatty") and file.isatty()
     console = Console(file=file, width=None if isatty else 170, highlight=False)
+    console.print(title, markup=False)
     console.print(table)
     if result.get("notes"):
         for n in result["notes"]:

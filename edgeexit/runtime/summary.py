@@ -230,11 +230,13 @@ class RunStats:
                 print(f"  {k:<{width}}  {v}", file=file)
             file.flush()
             return
-        table = Table(title=title, show_header=False, title_justify="left")
+        table = Table(show_header=False)
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k, v in rows:
             table.add_row(k, v)
-        Console(file=file, width=max(80, min(120, 4 + max(len(k) + len(v) + 7 for k, v in rows))),
-                highlight=False).print(table)
+        console = Console(file=file, width=max(80, min(120, 4 + max(len(k) + len(v) + 7 for k, v in rows))),
+                          highlight=False)
+        console.print(title, soft_wrap=True)  # a line of its own: a table title would wrap at the table's width
+        console.print(table)
         file.flush()
