@@ -6,8 +6,8 @@
    demo's weights can instead be rebuilt in seconds with ``python benchmarks/recover_demo_checkpoint.py``),
 2. calibrates it on the held-out part of train/ (at most 1 point below the final exit; at most 3 internal exits
    kept, which bounds the worst case, every stage run and no exit taken, near 1.1x the plain network on a CPU),
-3. exports it to edgeexit/assets/demo/bundle (checked against torch) with the winner's stages and coh_ssim's (so
-   ``edgeexit run --gate coh_ssim`` can switch),
+3. exports it to edgeexit/assets/demo/bundle (checked against torch) with the winner's stages, margin's and sal_entropy's (so
+   ``edgeexit run --gate sal_entropy`` can switch),
 4. copies --per-class images of every class from test/ to edgeexit/assets/demo/samples/<class>/.
 Each step is the documented command line, so the demo is exactly what a user gets from the README.
 """
@@ -41,7 +41,7 @@ def main() -> None:
         edgeexit("train", "--data", str(args.cifar / "train"), *RECIPE, "--out", str(args.ckpt))
     calibrated = args.ckpt.with_name(args.ckpt.stem + "-calibrated.pt")
     edgeexit("calibrate", str(args.ckpt), "--max-drop", "1.0", "--max-kept", "3", "--out", str(calibrated), "--quiet")
-    edgeexit("export", str(calibrated), "--out", str(DEMO / "bundle"), "--force", "--gates", "coh_ssim")
+    edgeexit("export", str(calibrated), "--out", str(DEMO / "bundle"), "--force", "--gates", "margin,sal_entropy")
     samples = DEMO / "samples"
     shutil.rmtree(samples, ignore_errors=True)
     for class_dir in sorted(p for p in (args.cifar / "test").iterdir() if p.is_dir()):
