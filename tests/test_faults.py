@@ -232,12 +232,12 @@ def test_video_skips_undecodable_frames_and_reaches_the_real_end(tmp_path, repor
 
 
 def test_video_run_summary_counts_lost_frames(tmp_path):
-    from edgeexit.runtime.chain import run_command
+    from edgeexit.runtime.commands import RunOptions, run_command
 
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"x")
     out, err = _Text(), _Text()
-    code = run_command(str(DEMO_BUNDLE), str(clip), stdout=out, stderr=err, quiet=True, batch=4,
+    code = run_command(RunOptions(str(DEMO_BUNDLE), str(clip), quiet=True, batch=4), stdout=out, stderr=err,
                        capture_factory=lambda *_: _CorruptMiddle(40, {5, 6, 30}))
     assert code == 0
     assert len(json_lines(out.text)) == 37
