@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,36 +38,16 @@ def machine() -> dict[str, Any]:
 
 
 def jsonable(obj: Any) -> Any:
-    """Strict JSON: NaN and infinities become null, numpy scalars and arrays plain Python."""
-    import math
+    """Strict JSON: NaN and infinities become null, numpy scalars and arrays plain Python (``edgeexit.jsonio``)."""
+    from edgeexit.jsonio import plain
 
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+    return plain(obj)
 
 
 def write_json(path: Path, data: Any) -> None:
-    data = jsonable(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, allow_nan=False, default=str)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from edgeexit.jsonio import write_json as _write
+
+    _write(path, data)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

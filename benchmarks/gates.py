@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -123,7 +122,7 @@ def main() -> None:
     t_eval = time.perf_counter() - t0 - t_cal
     calibrated.unlink()  # the calibrated checkpoint is an intermediate; its policy is in gates.json
     summary = {
-        "machine": machine(), "checkpoint": str(args.ckpt), "test": str(args.test), "max_drop_points": args.max_drop,
+        "machine": machine(), "checkpoint": str(args.ckpt), "test_folder": str(args.test), "max_drop_points": args.max_drop,
         "calibration": {"split": cal.get("split"), "winner": cal.get("winner"), "temperatures": cal.get("temperatures"),
                         "exit_accuracy": cal.get("exit_accuracy"), "oracle": cal.get("oracle"),
                         "gates": {k: {kk: v.get(kk) for kk in ("exits", "mean_cost", "accuracy", "drop", "meets_target", "direction", "mean_auroc", "policy")}

@@ -145,7 +145,7 @@ def main() -> None:
         "adaptive_over_full": adaptive_over_full,
         "mac_ratio": mac_ratio,
         "realised_over_mac_saving": (1 - adaptive_over_full) / (1 - mac_ratio) if mac_ratio < 1 else None,
-        "gate": {"us_per_decision": gate_us, "decisions_per_frame": decisions_per_frame, "share_of_adaptive_frame": gate_share},
+        "gate_time": {"us_per_decision": gate_us, "decisions_per_frame": decisions_per_frame, "share_of_adaptive_frame": gate_share},
         "exit_histogram": np.bincount(exits, minlength=bundle.num_exits).tolist(),
         "accuracy": {"adaptive": acc_adaptive, "final_exit": acc_full, "drop_points": 100 * (acc_full - acc_adaptive)},
         "batch": {"size": args.batch, "fps_batched": n / t_batch, "fps_batch1": n / t_single,

@@ -6,12 +6,12 @@ so an untrusted checkpoint cannot run code.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .jsonio import atomic_write_bytes
 
 FORMAT = "edgeexit-checkpoint"
 FORMAT_VERSION = 1
@@ -20,25 +20,6 @@ REQUIRED = ("format", "version", "config", "state_dict", "classes", "preprocess"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not an edgeexit checkpoint."""
-
-
-def atomic_write_bytes(path: Path | str, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:

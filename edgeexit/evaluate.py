@@ -29,16 +29,14 @@ calibrated``
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 from . import confidence
+from .jsonio import write_json
 from .calibrate import CostModel, policy_scores, resolve_costs
 from .gates import gate_spec
 from .metrics import accuracy_cost_auc, auroc
@@ -186,43 +184,6 @@ def compare_families(gates: Dict[str, Any]) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # json
 # ----------------------------------------------------------------------------------------------------------------
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: Path | str, data: Any) -> None:
-    """Strict JSON (nan / inf -> null), written atomically (temporary file + rename)."""
-    path = Path(path)
-    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # a report is meant to be read (mkstemp creates 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the command
 # ----------------------------------------------------------------------------------------------------------------

@@ -403,32 +403,3 @@ def test_no_torch_import():
     assert result.stdout.strip() == "ok"
 
 
-def test_shuffled_folder_draws_across_every_class(tmp_path):
-    for c in ("a", "b", "c", "d"):
-        for i in range(10):
-            write_png(tmp_path / c / f"{i:02d}.png")
-    with open_source(str(tmp_path), max_frames=8) as src:
-        assert {f.label for f in src} == {0}  # sorted: the first 8 frames are all of the first class
-    with open_source(str(tmp_path), max_frames=8, shuffle_seed=0) as src:
-        first = [(f.name, f.label) for f in src]
-    with open_source(str(tmp_path), max_frames=8, shuffle_seed=0) as src:
-        assert [(f.name, f.label) for f in src] == first  # seeded: the same draw every time
-    assert len({label for _, label in first}) >= 3
-
-
-def test_profile_draws_its_frames_shuffled(tmp_path):
-    from edgeexit.runtime.profile import _load_frames
-
-    for c in ("a", "b"):
-        for i in range(20):
-            write_png(tmp_path / c / f"{i:02d}.png")
-
-    class Runner:
-        classes = ("a", "b")
-
-        @staticmethod
-        def preprocess(image):
-            return np.zeros((3, 4, 4), np.float32)
-
-    _x, labels, _info = _load_frames(str(tmp_path), Runner, 10, print)
-    assert set(labels.tolist()) == {0, 1}

@@ -334,7 +334,7 @@ def check_pipeline_parity(model: nn.Module, bundle_dir: Path, gate: str, x: np.n
 
     prev_k: Optional[int] = None
     for stage in pipe.stages:
-        k, (a, _b) = stage.exit, stage.segments
+        k, a = stage.exit, stage.segments[0]
         feed = {stage.input_names[0]: x.astype(np.float32) if a == 0 else ref["features"][a - 1]}
         if stage.has_input("prev_cam"):
             feed["prev_cam"] = ref["cams"][prev_k]

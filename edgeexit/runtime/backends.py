@@ -263,7 +263,7 @@ class OrtEngine(Engine):
                 binding.bind_ortvalue_output(name, outputs[name].value)
             else:  # computed anyway; let ORT place it
                 binding.bind_output(name, self.device, self.device_id)
-        session, run = self.session, self.session.run_with_iobinding
+        run = self.session.run_with_iobinding
         return lambda: run(binding)
 
     def close(self) -> None:

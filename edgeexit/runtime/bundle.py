@@ -21,14 +21,14 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import EdgeexitError
-from ..gates import GATE_NAMES, GATES, gate_spec
+from ..jsonio import atomic_write_bytes, atomic_write_text
+from ..gates import GATE_NAMES, gate_spec
 from ..policy import ExitPolicy
 from ..preprocess import Preprocess
 from ..stages import exit_costs, stage_ranges
@@ -77,55 +77,6 @@ def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_mode(path: Path) -> int:
-    """The mode an ordinary new file gets (mkstemp makes 0600): the existing file's, else 0666 minus the umask."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: Union[str, Path], data: Union[bytes, Callable[[Any], None]]) -> None:
-    """Write ``data`` (bytes, or a callable taking the open binary file) to a temporary file beside ``path``,
-    fsync it, then rename it over ``path``: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def json_ready(value: Any) -> Any:

@@ -277,9 +277,6 @@ def profile_command(options: ProfileOptions, stdout: Optional[TextIO] = None, st
     """``edgeexit profile``: measure, then write profile.json, costs.json and the plots under ``options.out`` and
     print the table. Returns 0, 1 when costs.json could not be derived, or 130 when interrupted (Ctrl-C /
     SIGTERM: what was measured so far is printed and written to profile.json, marked incomplete)."""
-    import signal  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-
     from . import profile as prof  # noqa: PLC0415
     from .backends import open_backend  # noqa: PLC0415
     from .bundle import load_bundle  # noqa: PLC0415

@@ -1065,7 +1065,7 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
 
 
 def write_json(path: Path, data: Dict[str, Any]) -> None:
-    """Strict JSON (``_clean``: NaN -> null), written atomically."""
-    from .bundle import atomic_write_text  # noqa: PLC0415
+    """Strict JSON (``_clean``: numbers rounded to 9 significant digits, NaN -> null), written atomically."""
+    from ..jsonio import atomic_write_text  # noqa: PLC0415
 
     atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")

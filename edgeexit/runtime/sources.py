@@ -934,7 +934,6 @@ def open_source(
     retries: int = 3,
     retry_delay_s: float = 0.5,
     capture_factory: Optional[CaptureFactory] = None,
-    shuffle_seed: Optional[int] = None,
 ) -> Source:
     """Open one input URI (see the module docstring). Raises SourceError (one line, naming the input) for a
     missing path, an empty folder, an unsupported file type or a camera/stream/video that cannot be opened.
@@ -943,8 +942,6 @@ def open_source(
     (CSI defaults 1280x720@30). ``loop`` restarts files/folders/videos; ``max_frames`` caps the frames yielded.
     ``retries``/``retry_delay_s``: reopen attempts when a live source stops delivering, before ending cleanly.
     ``capture_factory(target, backend)`` replaces ``cv2.VideoCapture`` (tests, custom backends).
-    ``shuffle_seed``: a folder's files in a seeded random order instead of sorted (a sample drawn across the
-    whole folder, e.g. every class, when ``max_frames`` is smaller than the folder).
     """
     if not isinstance(uri, str) or not uri.strip():
         raise SourceError(f"empty input URI: {uri!r}")
@@ -1002,9 +999,6 @@ def open_source(
                 raise SourceError(f"no images in folder {path} in class folders the model knows (it has "
                                   f"{', '.join(sorted(unknown)[:5])})")
             raise SourceError(f"no images in folder {path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        if shuffle_seed is not None:
-            order = np.random.default_rng(shuffle_seed).permutation(len(files))
-            files, labels = [files[i] for i in order], [labels[i] for i in order]
         source = ImageFilesSource(uri, path, files, labels, kind="folder", classes=class_list, **files_kwargs)
         source.unknown_folders = unknown
         source.labelled = any(label is not None for label in labels)
