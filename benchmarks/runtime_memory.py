@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", default=None)
     p.add_argument("--backend", default="auto")
     p.add_argument("--providers", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit-mb", type=float, default=5.0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
