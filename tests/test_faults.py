@@ -264,7 +264,10 @@ def test_opencv_and_ffmpeg_lines_are_silenced(bundle, tmp_path):
     clip = tmp_path / "broken.mp4"
     clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))  # "moov atom not found"
     line = one_error(cli("run", bundle, clip))
-    assert "broken.mp4" in line
+    assert "broken.mp4" in line and "moov atom not found" in line  # FFmpeg's reason, in edgeexit's one line
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    assert "empty file" in one_error(cli("run", bundle, empty))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -559,6 +559,36 @@ class ImageFilesSource(Source):
         return text + (", looping)" if self.loop else ")")
 
 
+def video_problem(path: Path) -> str:
+    """Why a video file did not open, in the words FFmpeg would have printed (its own log lines are silenced):
+    an empty file, an MP4/MOV without its index ("moov atom not found": a recording cut off before it was
+    finalised), else the generic reason."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if size == 0:
+                return "empty file"
+            if head[4:8] in (b"ftyp", b"mdat", b"moov", b"free", b"wide", b"skip"):  # ISO base media (MP4, MOV)
+                fh.seek(0)
+                boxes, pos = set(), 0
+                while pos + 8 <= size and len(boxes) < 64:
+                    fh.seek(pos)
+                    box = fh.read(16)
+                    n, kind = int.from_bytes(box[:4], "big"), box[4:8]
+                    if n == 1 and len(box) >= 16:
+                        n = int.from_bytes(box[8:16], "big")
+                    boxes.add(kind)
+                    if n < 8:
+                        break
+                    pos += n
+                if b"moov" not in boxes:
+                    return "moov atom not found: the recording was cut off before it was finalised"
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    return "unsupported codec or corrupt file?"
+
+
 class VideoSource(Source):
     """A video file decoded with OpenCV; never drops frames."""
 
@@ -571,7 +601,7 @@ class VideoSource(Source):
         self.lost = 0  # undecodable frames, skipped and counted
         self._cap: Any = self._open()
         if self._cap is None:
-            raise SourceError(f"cannot open video {path} (unsupported codec or corrupt file?)")
+            raise SourceError(f"cannot open video {path} ({video_problem(path)})")
         count = int(_get(self._cap, CAP_PROP_FRAME_COUNT))
         fps = _get(self._cap, CAP_PROP_FPS)
         self.fps = fps if fps > 0 else None
