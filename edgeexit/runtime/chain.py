@@ -150,10 +150,9 @@ class StageRunner:
         self.reference_macs = int(bundle.reference_macs)
         self.exits = tuple(self.policy.kept)  # the exit each stage ends at
         self.exit_macs = tuple(bundle.exit_macs(self.pipeline.gate))
-        spec = gate_spec(self.policy.gate)
+        gate_spec(self.policy.gate)  # an unknown gate is a one-line error here
         self.columns = tuple(self.pipeline.signals)
         self._single = self.policy.gate in SIGNAL_NAMES  # the score is the stage's one signals column
-        self._needs_patience = spec.needs_patience
         self._learned = [None if p is None else {k: (np.asarray(v, np.float64) if isinstance(v, list) else v)
                                                   for k, v in p.items()} for p in (self.policy.learned or [])]
         internal = self.exits[:-1]
@@ -237,12 +236,12 @@ class StageRunner:
     def _run_one(self, x: np.ndarray, force_all: bool = False) -> Decision:
         if self._bound is None:
             self._bound = self._bind()
-            self._at = 0
-        if not self.full and not hasattr(self, "_steps"):
-            # per internal stage, what the loop touches: (call, score view, sign, threshold); plain tuples and
-            # pre-made views keep the per-frame path to one engine call and one comparison per stage
-            self._steps = [(call, outs["signals"].host.reshape(-1) if "signals" in outs else None, sign, thr)
-                           for call, outs, sign, thr in zip(self._bound, self._outs, self._signs, self._thresholds)]
+            self._at = 0  # the stage running (the general path), for naming a failing engine
+            if not self.full:
+                # per internal stage, what the loop touches: (call, score view, sign, threshold); plain tuples and
+                # pre-made views keep the per-frame path to one engine call and one comparison per stage
+                self._steps = [(call, outs["signals"].host.reshape(-1) if "signals" in outs else None, sign, thr)
+                               for call, outs, sign, thr in zip(self._bound, self._outs, self._signs, self._thresholds)]
         t0 = time.perf_counter()
         np.copyto(self._in.host[0], x)
         if self.full:
