@@ -18,7 +18,6 @@ accuracy. Writes benchmarks/results/<name>/serve.json and serve.md.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import threading
@@ -31,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
 
+from edgeexit.runtime.bundle import load_bundle  # noqa: E402
 from edgeexit.imageio import scan_image_folder  # noqa: E402
 from edgeexit.metrics import percentiles  # noqa: E402
 from edgeexit.serve.client import ServeClient  # noqa: E402
@@ -120,9 +120,9 @@ def main() -> None:
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
 
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    num_exits = len(manifest["heads"])
-    folder = scan_image_folder(args.images, tuple(manifest["classes"]))
+    bundle = load_bundle(args.bundle)
+    num_exits = bundle.num_exits
+    folder = scan_image_folder(args.images, bundle.classes)
     order = np.random.default_rng(args.seed).permutation(len(folder))
     images = [Path(folder.paths[i]).read_bytes() for i in order]
     labels = np.asarray([folder.labels[i] for i in order])
