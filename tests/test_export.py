@@ -21,7 +21,8 @@ from edgeexit.runtime.bundle import MANIFEST, BundleError, load_bundle, sha256_f
 
 from edgeexit.export import onnx_export
 from edgeexit.export import tensorrt as trtx
-from edgeexit.export.head_graph import HeadGraph, SignalGraph
+from edgeexit.export.head_graph import SignalGraph
+from edgeexit.export.stage_graph import class_cam
 from edgeexit.export.onnx_export import ExportCheckError, ExportError, export_bundle
 
 QUIET = dict(log=lambda _m: None)
@@ -111,7 +112,8 @@ def test_head_graph_cam_is_forward_cam():
         for i, (head, f) in enumerate(zip(model.heads, feats)):
             hw = tuple(outs[i].cam.shape[1:])
             prev = tuple(outs[i - 1].cam.shape[1:]) if i else None
-            logits, probs, cls, cam, signals = HeadGraph(head, hw, prev, 1.3)(f, outs[i - 1].cam if i else None)
+            logits, cls, cam = class_cam(head, f, hw)
+            probs, signals = SignalGraph(head.fc.out_features, hw, prev, 1.3)(logits, cam, outs[i - 1].cam if i else None)
             torch.testing.assert_close(logits, outs[i].logits)
             torch.testing.assert_close(cam, outs[i].cam, atol=1e-5, rtol=1e-5)
             assert torch.equal(cls, outs[i].logits.argmax(1))

@@ -1,4 +1,4 @@
-"""The exported exit-head graph: logits, tempered probabilities, class, CAM and the 7 gate signals (torch).
+"""The gate signals as a torch graph (``SignalGraph``, used by every exported stage) and the plain network (torch).
 
 ``SignalGraph`` computes ``edgeexit.gates.exit_signals`` with torch operations that export to plain ONNX
 (MatMul, Softmax, TopK, ReduceSum/Max/Mean, Log, Sqrt, Where, Clip) and that TensorRT parses. Everything
@@ -22,9 +22,8 @@ from torch import nn
 from ..gates import SIGNAL_NAMES, SSIM_C1, SSIM_C2, common_grid, resize_matrix
 from ..models.heads import CamHead
 
-__all__ = ["SignalGraph", "HeadGraph", "FullGraph", "HEAD_OUTPUTS"]
+__all__ = ["SignalGraph", "FullGraph"]
 
-HEAD_OUTPUTS = ("logits", "probs", "class", "cam", "signals")
 _EPS = 1e-12
 _TINY32 = float(torch.finfo(torch.float32).tiny)
 
@@ -205,35 +204,6 @@ class SignalGraph(nn.Module):
                     cols["coh_cosine"] = self.cosine(pa, pb)
                     cols["coh_ssim"] = self.ssim(pa, pb)
         return max_prob, torch.stack([cols[n] for n in names], dim=1)
-
-
-class HeadGraph(nn.Module):
-    """The graph of ``head_i.onnx``: ``(features[, prev_cam]) -> (logits, probs, class, cam, signals)``.
-
-    ``cam[b] = W[class_b] @ F[b]`` (the CAM of the predicted class, as ``CamHead.forward_cam``), written as a
-    Gather and a batched MatMul so that it exports without Einsum.
-    """
-
-    def __init__(self, head: CamHead, cam_hw: Sequence[int], prev_hw: Optional[Sequence[int]] = None,
-                 temperature: float = 1.0) -> None:
-        super().__init__()
-        self.head = head
-        self.cam_hw = _as_grid(cam_hw)
-        self.signals = SignalGraph(head.fc.out_features, self.cam_hw, prev_hw, temperature)
-
-    @property
-    def has_prev(self) -> bool:
-        return self.signals.prev_hw is not None
-
-    def forward(self, features: torch.Tensor, prev_cam: Optional[torch.Tensor] = None):
-        f = self.head.block(features)
-        logits = self.head.fc(f.mean(dim=(2, 3)))
-        cls = torch.argmax(logits, dim=1)
-        weights = self.head.fc.weight[cls]  # (B, K)
-        h, w = self.cam_hw
-        cam = torch.matmul(weights.unsqueeze(1), torch.flatten(f, 2)).reshape(-1, h, w)
-        probs, signals = self.signals(logits, cam, prev_cam)
-        return logits, probs, cls, cam, signals
 
 
 class FullGraph(nn.Module):
