@@ -237,8 +237,9 @@ def evaluate(
     ckpt: Path = typer.Argument(..., metavar="CKPT", help="Calibrated checkpoint (edgeexit calibrate)."),
     data: Path = typer.Option(..., "--data", help="Labelled evaluation folder DATA/<class>/<image> (e.g. the test set)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder [default: reports/<checkpoint stem>]."),
-    corrupt: Optional[str] = typer.Option(None, "--corrupt", help="Also evaluate corrupted copies: noise, blur, "
-                                          "contrast, jpeg (comma-separated) or all."),
+    corrupt: Optional[str] = typer.Option(None, "--corrupt", help="Also evaluate corrupted copies: noise, shot, "
+                                          "blur, defocus, motion, contrast, brightness, saturate, fog, pixelate, jpeg "
+                                          "(comma-separated) or all."),
     severities: str = typer.Option("1,2,3,4,5", "--severities", help="Corruption severities (1..5)."),
     costs: Optional[Path] = typer.Option(None, "--costs", help="costs.json to price exits with [default: the costs "
                                          "used in calibration]."),
