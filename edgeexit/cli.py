@@ -204,6 +204,14 @@ def calibrate(
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    degrade: Optional[str] = typer.Option(None, "--degrade", help="Also calibrate on corrupted copies of the split "
+                                          "(kinds of edgeexit.corrupt, comma-separated, or all), so that the target "
+                                          "holds on degraded frames too."),
+    severities: str = typer.Option("1,3,5", "--severities", help="Severities (1..5) of the --degrade copies."),
+    robust: str = typer.Option("mean", "--robust", help="With --degrade: mean (clean and mean loss <= --max-drop, "
+                               "worst loss <= --worst-drop) or worst (every condition's loss <= --max-drop)."),
+    worst_drop: float = typer.Option(2.5, "--worst-drop", help="With --degrade --robust mean: the largest loss "
+                                     "allowed on any corrupted copy (points)."),
 ) -> None:
     """Fit temperatures, orient every exit gate and choose, per gate, the internal exits to keep and their
     thresholds on the calibration split; write the winning policy (and every gate's) into the checkpoint."""
@@ -220,7 +228,8 @@ def calibrate(
                                   cost_metric=cost_metric, data=data, gates=gates, stage_overhead=stage_overhead,
                                   exits=exits, max_kept=max_kept, folds=folds, batch_size=batch_size,
                                   device=device, progress=not quiet and sys.stderr.isatty(),
-                                  log=lambda m: typer.echo(m, err=True))
+                                  log=lambda m: typer.echo(m, err=True), degrade=degrade, severities=severities,
+                                  robust=robust, worst_drop=worst_drop)
     except (CheckpointError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
