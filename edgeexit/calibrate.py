@@ -567,6 +567,20 @@ def _gate_stats(cols: ScoreColumns, gate: str, trials: List[_Trial], best: _Tria
     return stats, scores
 
 
+def drift_block(outputs, policy: ExitPolicy, seed: int = 0) -> Dict[str, Any]:
+    """The run-time drift guard's reference for ``policy`` (``runtime.drift``): mean / std of the confidence of
+    the exit each clean calibration image takes, the same for full depth (the conservative policy), and the
+    bound calibrated on clean windows of the default size."""
+    from .runtime.drift import DEFAULT_WINDOW, DriftReference, calibrate_bound, reference_stats
+
+    sig = outputs.signals(policy.temperatures, policy.exits)
+    ex = policy.decide(sig, outputs.classes)
+    conf = sig[np.arange(len(outputs)), ex, G.SIGNAL_NAMES.index("max_prob")]
+    final = sig[:, -1, G.SIGNAL_NAMES.index("max_prob")]
+    (mu, sd), (mu_c, sd_c) = reference_stats(conf), reference_stats(final)
+    return DriftReference(mu, sd, mu_c, sd_c, calibrate_bound(conf, DEFAULT_WINDOW, seed=seed)).to_dict()
+
+
 def _subsets(num_exits: int, exits: Optional[Sequence[int]], max_kept: Optional[int]) -> List[Chain]:
     if exits is not None:
         if max_kept is not None:
@@ -646,6 +660,9 @@ def calibrate_outputs(
             robust = conditions.summary(best.robust)
             stats[gate].update(accuracy=best.point.accuracy, mean_cost=best.point.mean_cost,
                                drop=robust["clean_drop"], meets_target=best.meets, robust=robust)
+    clean_outputs = outputs if conditions is None else outputs.subset(np.flatnonzero(conditions.clean))
+    for gate in gate_names:
+        stats[gate]["drift"] = drift_block(clean_outputs, ExitPolicy.from_dict(stats[gate]["policy"]), seed=seed)
     winner = _pick_winner(stats, target)
     calibration = {
         "version": 2,

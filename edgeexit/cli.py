@@ -347,6 +347,10 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No informational lines on stderr (warnings and the summary stay)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
                                    "pixels than this; JPEGs are decoded reduced when that fits."),
+    drift_window: Optional[int] = typer.Option(None, "--drift-window", help="Drift guard window in frames [default: "
+                                               "the bundle's, 32]: when the mean confidence over it leaves the "
+                                               "calibration's, run the conservative policy until it recovers."),
+    no_drift: bool = typer.Option(False, "--no-drift", help="Turn the drift guard off."),
 ) -> None:
     """Classify frames with a bundle, chaining its stage engines (one per kept exit) and really stopping at the
     first exit whose gate allows it (works without torch). One JSON line per frame; a summary table at the end (on stderr when the
@@ -361,7 +365,8 @@ def run(
         code = run_command(RunOptions(
             bundle, source, out=str(out) if out else None, save=str(save) if save else None, batch=batch, gate=gate,
             threshold=threshold, max_exit=max_exit, full=full, backend=backend, providers=providers, threads=threads,
-            cuda_graphs=cuda_graphs, loop=loop, max_frames=max_frames, width=width, height=height, fps=fps, quiet=quiet))
+            cuda_graphs=cuda_graphs, loop=loop, max_frames=max_frames, width=width, height=height, fps=fps, quiet=quiet,
+            drift_window=drift_window, no_drift=no_drift))
     except (BundleError, SourceError, BackendError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
