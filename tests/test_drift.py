@@ -95,3 +95,38 @@ def test_switching_runner_follows_the_guard():
     assert runner.run_batch([0]) == ["calibrated"] and runner.classes == ("a", "b")
     guard.update(0.1), guard.update(0.1)
     assert runner.run_batch([0, 1]) == ["conservative", "conservative"]
+
+
+def test_run_command_writes_drift_fields_and_summary(tmp_path):
+    """The demo bundle with a drift block whose reference no real stream matches: the guard switches to full
+    depth after one window, the JSON lines say so, the summary counts it; --no-drift leaves the lines as before."""
+    import io
+    import json
+    import shutil
+
+    from edgeexit.runtime.commands import RunOptions, demo_path, run_command
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(str(demo_path(("assets", "demo", "bundle"))), bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    gate = manifest["default_gate"]
+    manifest["pipelines"][gate]["drift"] = DriftReference(0.05, 0.01, 0.05, 0.01, 4.0, window=4).to_dict()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    samples = str(demo_path(("assets", "demo", "samples")))
+
+    def run(**kw):
+        out, err = io.StringIO(), io.StringIO()
+        assert run_command(RunOptions(str(bundle), samples, quiet=True, **kw), stdout=out, stderr=err) == 0
+        return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()], err.getvalue()
+
+    lines, summary = run()
+    policies = [r["drift"]["policy"] for r in lines]
+    assert policies[:4] == ["calibrated"] * 4 and set(policies[4:]) == {"conservative"}
+    assert lines[3]["drift"]["event"] == "drift"
+    last = max(r["exit"] for r in lines)
+    assert all(r["exit"] == last for r in lines[4:])  # conservative = full depth
+    assert "drift guard (window 4" in summary and "1 drift(s)" in summary
+    plain, summary = run(no_drift=True)
+    assert "drift" not in plain[0] and "drift guard" not in summary
+    with pytest.raises(ValueError, match="drift-window"):
+        run(drift_window=0)
