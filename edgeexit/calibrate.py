@@ -370,6 +370,8 @@ class ScoreColumns:
             return self.learned(i, prefix)[0]
         if gate == "patience":
             return self.patience(i, prefix).astype(np.float64)
+        if G.gate_spec(gate).family == "combined":
+            return G.gate_score(gate, self.signals(i, prefix))
         return self.signals(i, prefix)[:, G.SIGNAL_NAMES.index(gate)].astype(np.float64)
 
     def oriented(self, gate: str, i: int, prefix: Chain) -> Tuple[np.ndarray, float, float]:

@@ -261,6 +261,8 @@ def _gate_tolerance(policy: ExitPolicy, i: int, tol: float) -> float:
         return tol
     if policy.gate == "patience":
         return 0.0
+    if gate_spec(policy.gate).family == "combined":  # a product of signals in [0, 1]: each factor moves by tol
+        return len(gate_spec(policy.gate).signals) * tol
     params = policy.learned[i]  # logistic: |d sigmoid| <= 1/4 |sum w_j / std_j dx_j|
     n = len(SIGNAL_NAMES)
     lips = sum(abs(float(w)) / max(abs(float(s)), 1e-12) for w, s in zip(params["weights"][:n], params["std"][:n]))
