@@ -269,26 +269,30 @@ def render(r: Dict[str, Any], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_gray48(epochs: int):
-    """CIFAR-10 -> grayscale 48 x 48 PNG folders under runs/gray48/{train,test}; a ResNet-20 trained on it."""
+def build_gray48(epochs: int, train_per_class: int = 1500, test_per_class: int = 300):
+    """CIFAR-10 -> grayscale 48 x 48 PNG folders under runs/gray48/{train,test} (the first ``train_per_class`` /
+    ``test_per_class`` images of each class, to fit 2 cores); a multi-exit ResNet-20 trained on it by
+    ``edgeexit train`` (its own 10% validation split is the calibration split)."""
     from PIL import Image
 
     root = Path("runs/gray48")
     src = Path("../shared/data/cifar10")
-    for split in ("train", "test"):
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         done = root / split / ".done"
         if done.exists():
             continue
-        for p in sorted((src / split).glob("*/*.png")):
-            dst = root / split / p.parent.name / p.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            Image.open(p).convert("L").resize((48, 48), Image.BILINEAR).save(dst)
+        for cls in sorted(p for p in (src / split).iterdir() if p.is_dir()):
+            for p in sorted(cls.glob("*.png"))[:per_class]:
+                dst = root / split / cls.name / p.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                Image.open(p).convert("L").resize((48, 48), Image.BILINEAR).save(dst)
         done.touch()
     ckpt = Path("runs/gray48-resnet20.pt")
     if not ckpt.exists():
         log(f"training the gray48 model ({epochs} epochs)")
         subprocess.run([sys.executable, "-m", "edgeexit.cli", "train", str(root / "train"), "--arch", "resnet20",
-                        "--epochs", str(epochs), "--out", str(ckpt)], check=True)
+                        "--input-size", "48", "--channels", "1", "--epochs", str(epochs), "--out", str(ckpt),
+                        "--quiet"], check=True)
     return ckpt, root / "test"
 
 
