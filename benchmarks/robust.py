@@ -290,7 +290,7 @@ def build_gray48(epochs: int, train_per_class: int = 1500, test_per_class: int =
     ckpt = Path("runs/gray48-resnet20.pt")
     if not ckpt.exists():
         log(f"training the gray48 model ({epochs} epochs)")
-        subprocess.run([sys.executable, "-m", "edgeexit.cli", "train", str(root / "train"), "--arch", "resnet20",
+        subprocess.run([sys.executable, "-m", "edgeexit.cli", "train", "--data", str(root / "train"), "--arch", "resnet20",
                         "--input-size", "48", "--channels", "1", "--epochs", str(epochs), "--out", str(ckpt),
                         "--quiet"], check=True)
     return ckpt, root / "test"
