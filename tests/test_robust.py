@@ -99,3 +99,33 @@ def test_errors():
     pool = pool_outputs([synthetic(30, (0.5, 0.6, 0.9), 3, (1, 1, 1), 0)] * 2)
     with pytest.raises(ValueError, match="--budget"):
         calibrate_outputs(pool, costs(), budget=0.5, conditions=Conditions.blocks(["clean", "x-1"], 30))
+
+
+def test_cli_degrade_writes_robust_statistics_and_drift(tiny_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeexit.checkpoint import load_checkpoint
+    from edgeexit.cli import app
+
+    from .test_calibrate import one_line_error
+
+    runner = CliRunner()
+    out = tmp_path / "cal.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--out", str(out), "--quiet", "--gates", "max_prob,conf_coh",
+                                 "--degrade", "noise,fog", "--severities", "1,5", "--stage-overhead", "0"])
+    assert result.exit_code == 0, result.output
+    assert "4 condition(s)" in result.stderr and "worst loss" in result.stdout
+    cal = load_checkpoint(out)["calibration"]
+    assert cal["target"]["robust"]["conditions"] == ["clean", "noise-1", "noise-5", "fog-1", "fog-5"]
+    for g in cal["gates"].values():
+        r = g["robust"]
+        assert set(r["per_condition"]) == set(cal["target"]["robust"]["conditions"])
+        assert r["worst_drop"] == max(v["drop"] for k, v in r["per_condition"].items() if k != "clean")
+        assert g["drift"]["bound"] >= 4.0 and g["drift"]["window"] == 32
+    assert "--budget" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
+                                                            "--budget", "0.5"]))
+    assert "unknown corruption" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "snow"]))
+    assert "severities" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
+                                                              "--severities", "7"]))
+    assert "--robust" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
+                                                            "--robust", "median"]))
