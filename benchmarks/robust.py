@@ -141,7 +141,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--gray48", action="store_true", help="build and use the grayscale 48 px data set and model")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--render", action="store_true", help="only rewrite robust.md from the results' robust.json")
     args = ap.parse_args()
+    if args.render:
+        import json
+
+        out_dir = RESULTS / "robust" / args.name
+        results = json.loads((out_dir / "robust.json").read_text())
+        (out_dir / "robust.md").write_text(render(results, args, results["args"]))
+        return
     started = time.time()
     if args.gray48:
         args.ckpt, args.test = build_gray48(args.epochs)
@@ -226,6 +234,7 @@ def main() -> None:
     results["summary"] = summary
     results["stream"] = stream_rows
     results["seconds"] = round(time.time() - started, 1)
+    results["command"] = "python " + " ".join(sys.argv)
     out_dir = RESULTS / "robust" / args.name
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "robust.json", results)
@@ -233,10 +242,11 @@ def main() -> None:
     log(f"wrote {out_dir} in {results['seconds']:.0f} s")
 
 
-def render(r: Dict[str, Any], args) -> str:
+def render(r: Dict[str, Any], args, recorded: Dict[str, Any] | None = None) -> str:
     s = r["summary"]
+    command = r.get("command") or " ".join(sys.argv)
     lines = [f"# Degraded inputs: {args.name}", "",
-             f"`{' '.join(sys.argv)}` ({r['machine']['date']}, {r['seconds']:.0f} s)", "",
+             f"`{command}` ({r['machine']['date']}, {r['seconds']:.0f} s)", "",
              "Leave-one-group-out: each kind is reported in the fold that never saw its group; 'unseen' pools every "
              "kind at severities 1-5 (drop: points below full depth on the same images; cost: % of the plain "
              "network). 'clean-only' = the usual calibration on the clean held-out split.", ""]
@@ -264,9 +274,33 @@ def render(r: Dict[str, Any], args) -> str:
         rows.append([f"{x['kind']}-{x['severity']}", x["policy"], x["gate"], "on" if x["guard"] else "off",
                      *[f"{p['drop']:.1f} / {100 * p['mean_cost']:.0f}" for p in st],
                      " ".join(f"{e[1]}@{e[0]}" for e in x["events"]) or "-"])
+    lines.append(markdown_table(["policy", "guard", "degraded: mean drop", "worst drop", "mean cost %",
+                                 "clean again: mean cost %", "first switch after (frames)"], stream_summary(r["stream"])))
+    lines.append("")
     lines.append(markdown_table(["condition", "policy", "gate", "guard", "clean drop / cost %",
                                  "degraded drop / cost %", "clean again drop / cost %", "switches"], rows))
     return "\n".join(lines) + "\n"
+
+
+def stream_summary(rows: List[Dict[str, Any]]) -> List[List[str]]:
+    """Per (policy, guard) over every stream: the degraded stretch's mean / worst drop and mean cost, the second
+    clean stretch's cost, and the median delay of the first drift event after the degraded stretch starts."""
+    out = []
+    for label in ("clean-calibrated", "robust"):
+        for guard in (False, True):
+            sel = [x for x in rows if x["policy"] == label and x["guard"] == guard]
+            if not sel:
+                continue
+            deg = [x["stretches"][1] for x in sel]
+            delays = [next((e[0] - x["length"] for e in x["events"] if e[1] == "drift" and e[0] >= x["length"]), None)
+                      for x in sel]
+            found = [d for d in delays if d is not None]
+            out.append([label, "on" if guard else "off", f"{np.mean([d['drop'] for d in deg]):.2f}",
+                        f"{max(d['drop'] for d in deg):.2f}", f"{100 * np.mean([d['mean_cost'] for d in deg]):.1f}",
+                        f"{100 * np.mean([x['stretches'][2]['mean_cost'] for x in sel]):.1f}",
+                        (f"{int(np.median(found))} (median; {len(found)}/{len(sel)} streams switched)" if found
+                         else "-") if guard else "-"])
+    return out
 
 
 def build_gray48(epochs: int, train_per_class: int = 1500, test_per_class: int = 300):
