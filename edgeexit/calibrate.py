@@ -686,8 +686,8 @@ def calibrate_outputs(
     }
     win = ExitPolicy.from_dict(stats[winner]["policy"])  # bootstrap interval of the winner's operating point
     calibration["confidence"] = confidence.for_policy(  # on the clean split (degraded copies: the per-copy stats)
-        oriented_all[winner][clean], cols.correct[clean][:, list(win.kept)], costs.for_gate(winner).fractions(win.exits),
-        [win.thresholds[k] for k in win.kept_internal], seed=seed)
+        oriented_all[winner][clean], cols.correct[clean][:, list(win.kept)],
+        costs.for_gate(winner).fractions(win.exits), [win.thresholds[k] for k in win.kept_internal], seed=seed)
     return CalibrationResult(calibration, stats[winner]["policy"], oriented_all)
 
 
