@@ -370,6 +370,8 @@ class ScoreColumns:
             return self.learned(i, prefix)[0]
         if gate == "patience":
             return self.patience(i, prefix).astype(np.float64)
+        if G.gate_spec(gate).family == "combined":
+            return G.gate_score(gate, self.signals(i, prefix))
         return self.signals(i, prefix)[:, G.SIGNAL_NAMES.index(gate)].astype(np.float64)
 
     def oriented(self, gate: str, i: int, prefix: Chain) -> Tuple[np.ndarray, float, float]:
@@ -481,6 +483,7 @@ class _Trial:
     path: List[PathPoint]
     point: PathPoint
     meets: bool
+    robust: Optional[Dict[str, np.ndarray]] = None  # per-condition evaluation (calibration for degraded inputs)
 
 
 def _oriented_columns(cols: ScoreColumns, gate: str, exits: Chain) -> Tuple[np.ndarray, List[float], List[float]]:
@@ -491,11 +494,14 @@ def _oriented_columns(cols: ScoreColumns, gate: str, exits: Chain) -> Tuple[np.n
 
 
 def _try_subset(cols: ScoreColumns, gate: str, exits: Chain, costs: CostModel, target: Dict[str, Any],
-                n_candidates: int) -> _Trial:
+                n_candidates: int, conditions=None) -> _Trial:
     kept = exits + (cols.outputs.num_exits - 1,)
     scores, _, _ = _oriented_columns(cols, gate, exits)
     path = greedy_path(scores, cols.correct[:, kept], costs.fractions(exits), n_candidates=n_candidates,
                        reference_cost=1.0)
+    if conditions is not None:  # degraded inputs: the per-condition target on the pooled path (edgeexit.robust)
+        point, meets, ev = conditions.choose(path, scores, cols.correct[:, kept], costs.fractions(exits))
+        return _Trial(exits, path, point, meets, ev)
     if target["kind"] == "budget":
         point = choose(path, budget=target["budget"])
     else:
@@ -563,6 +569,20 @@ def _gate_stats(cols: ScoreColumns, gate: str, trials: List[_Trial], best: _Tria
     return stats, scores
 
 
+def drift_block(outputs, policy: ExitPolicy, seed: int = 0) -> Dict[str, Any]:
+    """The run-time drift guard's reference for ``policy`` (``runtime.drift``): mean / std of the confidence of
+    the exit each clean calibration image takes, the same for full depth (the conservative policy), and the
+    bound calibrated on clean windows of the default size."""
+    from .runtime.drift import DEFAULT_WINDOW, DriftReference, calibrate_bound, reference_stats
+
+    sig = outputs.signals(policy.temperatures, policy.exits)
+    ex = policy.decide(sig, outputs.classes)
+    conf = sig[np.arange(len(outputs)), ex, G.SIGNAL_NAMES.index("max_prob")]
+    final = sig[:, -1, G.SIGNAL_NAMES.index("max_prob")]
+    (mu, sd), (mu_c, sd_c) = reference_stats(conf), reference_stats(final)
+    return DriftReference(mu, sd, mu_c, sd_c, calibrate_bound(conf, DEFAULT_WINDOW, seed=seed)).to_dict()
+
+
 def _subsets(num_exits: int, exits: Optional[Sequence[int]], max_kept: Optional[int]) -> List[Chain]:
     if exits is not None:
         if max_kept is not None:
@@ -586,10 +606,13 @@ def calibrate_outputs(
     temperatures: Optional[Sequence[float]] = None,
     exits: Optional[Sequence[int]] = None,
     max_kept: Optional[int] = None,
+    conditions=None,
 ) -> CalibrationResult:
     """Calibrate every gate on collected ``ExitOutputs`` (labels known). ``max_drop`` in accuracy points
     (default 1.0) or ``budget`` (mean cost as a fraction of the plain network): not both. Every subset of the
-    internal exits is tried (at most ``max_kept`` exits each), or only ``exits`` when given (``()``: none)."""
+    internal exits is tried (at most ``max_kept`` exits each), or only ``exits`` when given (``()``: none).
+    ``conditions`` (``robust.Conditions``): ``outputs`` pools clean and degraded copies of the split; each
+    operating point must meet the per-condition target, and accuracy / cost / drop in the statistics are clean."""
     if max_drop is not None and budget is not None:
         raise ValueError("give --max-drop or --budget, not both")
     if budget is not None and not (math.isfinite(budget) and budget > 0):
@@ -608,12 +631,19 @@ def calibrate_outputs(
         raise ValueError(f"costs have {costs.num_exits} exits, the model {e}")
     subsets = _subsets(e, exits, max_kept)
 
+    if conditions is not None and budget is not None:
+        raise ValueError("calibration for degraded inputs needs an accuracy target (--max-drop), not --budget")
     temps = list(temperatures) if temperatures is not None else fit_temperatures(outputs.logits, outputs.labels)
     cols = ScoreColumns(outputs, temps, folds, seed)
-    exit_acc = cols.correct.mean(axis=0)
+    clean = slice(None) if conditions is None else conditions.clean
+    if conditions is not None:
+        cols.fold_ids = conditions.tile_folds(cols.fold_ids)
+    exit_acc = cols.correct[clean].mean(axis=0)
     final_acc = float(exit_acc[-1])
     target = _target_dict(final_acc, max_drop, budget)
-    oracle_cost, oracle_acc = oracle(cols.correct, costs.single_exit_fractions())
+    if conditions is not None:
+        target["robust"] = conditions.target()
+    oracle_cost, oracle_acc = oracle(cols.correct[clean], costs.single_exit_fractions())
 
     started = time.perf_counter()
     stats: Dict[str, Dict[str, Any]] = {}
@@ -621,13 +651,20 @@ def calibrate_outputs(
     every_exit = tuple(range(e - 1))
     for gate in gate_names:
         gate_costs = costs.for_gate(gate)
-        trials = [_try_subset(cols, gate, s, gate_costs, target, n_candidates) for s in subsets]
+        trials = [_try_subset(cols, gate, s, gate_costs, target, n_candidates, conditions) for s in subsets]
         best = trials[_best_index([t.point.accuracy for t in trials], [t.point.mean_cost for t in trials],
                                   [t.meets for t in trials], target)]
         every = next((t for t in trials if t.exits == every_exit), None)
         if every is None:  # forced or capped subsets: the reference chain is searched on its own
-            every = _try_subset(cols, gate, every_exit, gate_costs, target, n_candidates)
+            every = _try_subset(cols, gate, every_exit, gate_costs, target, n_candidates, conditions)
         stats[gate], oriented_all[gate] = _gate_stats(cols, gate, trials, best, every, gate_costs, target, final_acc)
+        if conditions is not None:
+            robust = conditions.summary(best.robust)
+            stats[gate].update(accuracy=best.point.accuracy, mean_cost=best.point.mean_cost,
+                               drop=robust["clean_drop"], meets_target=best.meets, robust=robust)
+    clean_outputs = outputs if conditions is None else outputs.subset(np.flatnonzero(conditions.clean))
+    for gate in gate_names:
+        stats[gate]["drift"] = drift_block(clean_outputs, ExitPolicy.from_dict(stats[gate]["policy"]), seed=seed)
     winner = _pick_winner(stats, target)
     calibration = {
         "version": 2,
@@ -648,9 +685,9 @@ def calibrate_outputs(
         "winner": winner,
     }
     win = ExitPolicy.from_dict(stats[winner]["policy"])  # bootstrap interval of the winner's operating point
-    calibration["confidence"] = confidence.for_policy(
-        oriented_all[winner], cols.correct[:, list(win.kept)], costs.for_gate(winner).fractions(win.exits),
-        [win.thresholds[k] for k in win.kept_internal], seed=seed)
+    calibration["confidence"] = confidence.for_policy(  # on the clean split (degraded copies: the per-copy stats)
+        oriented_all[winner][clean], cols.correct[clean][:, list(win.kept)],
+        costs.for_gate(winner).fractions(win.exits), [win.thresholds[k] for k in win.kept_internal], seed=seed)
     return CalibrationResult(calibration, stats[winner]["policy"], oriented_all)
 
 
@@ -676,14 +713,21 @@ def calibrate(
     device: str = "cpu",
     progress: bool = False,
     log: Callable[[str], None] = print,
+    degrade: Optional[str | Sequence[str]] = None,
+    severities: str | Sequence[int] = "1,3,5",
+    robust: str = "mean",
+    worst_drop: float = 2.5,
 ) -> Dict[str, Any]:
     """Calibrate a checkpoint's exit gates on its calibration split and write ``policy`` and ``calibration``
     into it (atomically; ``out`` writes a new checkpoint instead). Returns the calibration dict.
 
     ``stage_overhead``: MACs per engine call when costs are MACs (default ``DEFAULT_STAGE_OVERHEAD``); ``exits``:
     force the kept internal exits ("2,4", "none" or a list) instead of searching every subset; ``max_kept``: try
-    only subsets of at most that many internal exits."""
+    only subsets of at most that many internal exits. ``degrade``: corruption kinds ("noise,blur" or a list) to
+    calibrate for degraded inputs too, at ``severities``, with the ``robust`` target (``edgeexit.robust``)."""
+    from . import robust as R
     from .checkpoint import load_model, save_checkpoint
+    from .corrupt import parse_kinds
     from .collect import calibration_images, collect
     from .preprocess import Preprocess
 
@@ -697,6 +741,12 @@ def calibrate(
     forced = stages.parse_exits(exits, model.num_exits) if isinstance(exits, str) else (
         None if exits is None else stages.normalize_exits(exits, model.num_exits))
     _subsets(model.num_exits, forced, max_kept)  # fail before the model pass
+    kinds = (parse_kinds(degrade if isinstance(degrade, str) else ",".join(degrade))) if degrade else []
+    sev = R.parse_severities(severities) if kinds else []
+    if kinds and budget is not None:
+        raise ValueError("--degrade needs an accuracy target (--max-drop), not --budget")
+    if kinds and robust not in R.ROBUST_MODES:
+        raise ValueError(f"--robust must be one of {', '.join(R.ROBUST_MODES)}, got {robust!r}")
     images = calibration_images(ckpt, data, progress=progress)
     root = data if data is not None else (ckpt.get("split") or {}).get("data")
     log(f"calibration split: {len(images)} held-out images of {root}"
@@ -705,8 +755,18 @@ def calibrate(
     dev = _device(device)
     outputs = collect(model, images.images, images.labels, preprocess, batch_size, dev, progress,
                       description="calibration split")
+    conditions = None
+    if kinds:  # each condition collected once, then one pooled search (edgeexit.robust)
+        names, parts = R.degraded_outputs(model, images.images, images.labels, preprocess, kinds, sev, batch_size,
+                                          dev, progress, seed=seed, clean=outputs)
+        outputs = R.pool_outputs(parts)
+        conditions = R.Conditions.blocks(names, len(images), mode=robust,
+                                         max_drop=1.0 if max_drop is None else float(max_drop),
+                                         worst_drop=float(worst_drop))
+        log(f"degraded copies: {len(names) - 1} condition(s) ({', '.join(kinds)} at severities "
+            f"{','.join(map(str, sev))}), {len(outputs)} samples pooled")
     result = calibrate_outputs(outputs, costs, max_drop=max_drop, budget=budget, gate_names=gate_names,
-                               folds=folds, seed=seed, exits=forced, max_kept=max_kept)
+                               folds=folds, seed=seed, exits=forced, max_kept=max_kept, conditions=conditions)
     search = result.calibration["subset_search"]
     log(f"searched {search['subsets']} exit subset(s) x {len(gate_names)} gate(s) in {search['seconds']:.1f} s")
     small = confidence.split_warning(result.calibration["confidence"], result.calibration["target"]["max_drop"])
@@ -768,18 +828,26 @@ def print_calibration(cal: Dict[str, Any], console=None) -> None:
     costs = cal["costs"]
     overhead = f"{costs.get('boundary') or 0:g} {costs['unit']} per stage"
     table = Table(title=f"Exit gates calibrated on {cal['n']} images", box=box.SIMPLE_HEAVY, pad_edge=False)
-    for col, just in (("gate", "left"), ("exits", "left"), ("cost %", "right"), ("acc %", "right"), ("loss", "right"),
-                      ("exits %", "right"), ("AUROC", "right"), ("right if", "left")):
+    robust = t.get("robust")
+    columns = [("gate", "left"), ("exits", "left"), ("cost %", "right"), ("acc %", "right"), ("loss", "right"),
+               ("exits %", "right"), ("AUROC", "right"), ("right if", "left")]
+    if robust:
+        columns[5:5] = [("mean loss", "right"), ("worst loss", "right"), ("deg. cost %", "right")]
+    for col, just in columns:
         table.add_column(col, justify=just, no_wrap=True)
     for name, g in cal["gates"].items():
         won = name == cal["winner"]
         style = "bold green" if won else (None if g["meets_target"] else "dim")
-        table.add_row(
+        cells = [
             name + (" *" if won else ("" if g["meets_target"] else " x")), exits_text(g.get("exits")),
             _pct(g["mean_cost"]), _pct(g["accuracy"]), f"{g['drop']:.1f}", histogram_text(g["histogram"], g.get("exits")),
             "-" if not math.isfinite(g["mean_auroc"]) else f"{g['mean_auroc']:.3f}", g["direction"],
-            style=style,
-        )
+        ]
+        if robust:
+            r = g["robust"]
+            cells[5:5] = [f"{r['mean_drop']:.1f}", f"{r['worst_drop']:.1f} {r['worst_condition']}",
+                          _pct(r["mean_cost_degraded"])]
+        table.add_row(*cells, style=style)
     console.print(table)
     legend = [  # short lines, not a table caption: they stay readable in an 80-column terminal
         f"target: {goal}",
@@ -794,5 +862,14 @@ def print_calibration(cal: Dict[str, Any], console=None) -> None:
         f"{_pct(cal['oracle']['accuracy'])}% accuracy",
         *(confidence.describe(cal["confidence"], cal["winner"]) if cal.get("confidence") else []),
     ]
+    if robust:
+        legend[1:1] = [
+            f"degraded inputs: {len(robust['conditions']) - 1} corrupted copies of the split "
+            f"({', '.join(robust['conditions'][1:])}); target '{robust['mode']}': "
+            + (f"clean loss and mean loss <= {robust['max_drop']:g}, worst loss <= {robust['worst_drop']:g} pts"
+               if robust["mode"] == "mean" else f"every condition's loss <= {robust['max_drop']:g} pts"),
+            "cost %, acc %, loss: on the clean split; mean / worst loss: points below full depth on each corrupted "
+            "copy; deg. cost %: mean cost over them (exits %: pooled)",
+        ]
     for line in legend:
         console.print(line, highlight=False)

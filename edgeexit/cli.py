@@ -204,6 +204,14 @@ def calibrate(
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda, auto ..."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    degrade: Optional[str] = typer.Option(None, "--degrade", help="Also calibrate on corrupted copies of the split "
+                                          "(kinds of edgeexit.corrupt, comma-separated, or all), so that the target "
+                                          "holds on degraded frames too."),
+    severities: str = typer.Option("1,3,5", "--severities", help="Severities (1..5) of the --degrade copies."),
+    robust: str = typer.Option("mean", "--robust", help="With --degrade: mean (clean and mean loss <= --max-drop, "
+                               "worst loss <= --worst-drop) or worst (every condition's loss <= --max-drop)."),
+    worst_drop: float = typer.Option(2.5, "--worst-drop", help="With --degrade --robust mean: the largest loss "
+                                     "allowed on any corrupted copy (points)."),
 ) -> None:
     """Fit temperatures, orient every exit gate and choose, per gate, the internal exits to keep and their
     thresholds on the calibration split; write the winning policy (and every gate's) into the checkpoint."""
@@ -220,7 +228,8 @@ def calibrate(
                                   cost_metric=cost_metric, data=data, gates=gates, stage_overhead=stage_overhead,
                                   exits=exits, max_kept=max_kept, folds=folds, batch_size=batch_size,
                                   device=device, progress=not quiet and sys.stderr.isatty(),
-                                  log=lambda m: typer.echo(m, err=True))
+                                  log=lambda m: typer.echo(m, err=True), degrade=degrade, severities=severities,
+                                  robust=robust, worst_drop=worst_drop)
     except (CheckpointError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -237,8 +246,9 @@ def evaluate(
     ckpt: Path = typer.Argument(..., metavar="CKPT", help="Calibrated checkpoint (edgeexit calibrate)."),
     data: Path = typer.Option(..., "--data", help="Labelled evaluation folder DATA/<class>/<image> (e.g. the test set)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder [default: reports/<checkpoint stem>]."),
-    corrupt: Optional[str] = typer.Option(None, "--corrupt", help="Also evaluate corrupted copies: noise, blur, "
-                                          "contrast, jpeg (comma-separated) or all."),
+    corrupt: Optional[str] = typer.Option(None, "--corrupt", help="Also evaluate corrupted copies: noise, shot, "
+                                          "blur, defocus, motion, contrast, brightness, saturate, fog, pixelate, jpeg "
+                                          "(comma-separated) or all."),
     severities: str = typer.Option("1,2,3,4,5", "--severities", help="Corruption severities (1..5)."),
     costs: Optional[Path] = typer.Option(None, "--costs", help="costs.json to price exits with [default: the costs "
                                          "used in calibration]."),
@@ -337,6 +347,10 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No informational lines on stderr (warnings and the summary stay)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Skip (and count) images with more "
                                    "pixels than this; JPEGs are decoded reduced when that fits."),
+    drift_window: Optional[int] = typer.Option(None, "--drift-window", help="Drift guard window in frames [default: "
+                                               "the bundle's, 32]: when the mean confidence over it leaves the "
+                                               "calibration's, run the conservative policy until it recovers."),
+    no_drift: bool = typer.Option(False, "--no-drift", help="Turn the drift guard off."),
 ) -> None:
     """Classify frames with a bundle, chaining its stage engines (one per kept exit) and really stopping at the
     first exit whose gate allows it (works without torch). One JSON line per frame; a summary table at the end (on stderr when the
@@ -351,7 +365,8 @@ def run(
         code = run_command(RunOptions(
             bundle, source, out=str(out) if out else None, save=str(save) if save else None, batch=batch, gate=gate,
             threshold=threshold, max_exit=max_exit, full=full, backend=backend, providers=providers, threads=threads,
-            cuda_graphs=cuda_graphs, loop=loop, max_frames=max_frames, width=width, height=height, fps=fps, quiet=quiet))
+            cuda_graphs=cuda_graphs, loop=loop, max_frames=max_frames, width=width, height=height, fps=fps, quiet=quiet,
+            drift_window=drift_window, no_drift=no_drift))
     except (BundleError, SourceError, BackendError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:

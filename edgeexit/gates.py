@@ -109,6 +109,12 @@ GATES: "Mapping[str, GateSpec]" = {g.name: g for g in (
              needs_cam=True, needs_prev_cam=True, signal_cost=1.4),
     GateSpec("coh_ssim", "coherence", "ssim", "SSIM of this and the previous exit's CAM", ("coh_ssim",),
              needs_cam=True, needs_prev_cam=True, signal_cost=1.75),
+    # combined (issue 13): a softmax confidence times the CAM coherence with the previous kept exit, a soft veto:
+    # a confident exit whose evidence moved since the last exit (typical of noise and blur) scores low
+    GateSpec("conf_coh", "combined", "p*cos", "max_prob x coh_cosine (confidence, vetoed by incoherent CAMs)",
+             ("max_prob", "coh_cosine"), needs_cam=True, needs_prev_cam=True, signal_cost=1.4),
+    GateSpec("margin_coh", "combined", "m*cos", "margin x coh_cosine (margin, vetoed by incoherent CAMs)",
+             ("margin", "coh_cosine"), needs_cam=True, needs_prev_cam=True, signal_cost=1.4),
     GateSpec("patience", "agreement", "pat", "consecutive exits agreeing on the class (PABEE)", (),
              needs_patience=True),
     GateSpec("learned", "learned", "learned", "logistic regression over every signal and patience", SIGNAL_NAMES,
@@ -501,7 +507,9 @@ def gate_score(
     - a signal name: that column;
     - ``"patience"``: ``patience`` (B,) as float;
     - ``"learned"``: ``logistic_score(gate_features(signals, patience), learned_params)``, a probability that
-      the exit is right (needs all 7 signals, ``patience`` and ``learned_params``).
+      the exit is right (needs all 7 signals, ``patience`` and ``learned_params``);
+    - a ``combined`` gate: the product of its signals (``GATES[gate].signals``), e.g. max_prob * coh_cosine; a
+      coherence factor of exactly 0 (the first kept exit, which has no previous map) counts as 1.
     """
     spec = gate_spec(gate)
     s = np.asarray(signals, dtype=np.float64)
@@ -512,6 +520,16 @@ def gate_score(
         if gate not in columns:
             raise ValueError(f"gate {gate!r} needs the {gate} signal, the head computes {list(columns) or 'none'}")
         return s[:, columns.index(gate)].copy()
+    if spec.family == "combined":
+        missing = [n for n in spec.signals if n not in columns]
+        if missing:
+            raise ValueError(f"gate {gate!r} needs the {', '.join(missing)} signal(s), the head computes "
+                             f"{list(columns) or 'none'}")
+        factors = s[:, [columns.index(n) for n in spec.signals]]
+        # coherence is exactly 0 at the first kept exit (no previous map): there the veto does not apply
+        coh = [j for j, n in enumerate(spec.signals) if n.startswith("coh_")]
+        factors[:, coh] = np.where(factors[:, coh] == 0.0, 1.0, factors[:, coh])
+        return np.prod(factors, axis=1)
     if spec.needs_patience and patience is None:
         raise ValueError(f"the {gate} gate needs patience counts")
     if gate == "patience":

@@ -26,6 +26,13 @@ _FAMILY_COLOURS = {
 _FAMILY_STYLE = {"softmax": "-", "saliency": "--", "coherence": "-.", "agreement": ":", "learned": "-"}
 
 
+def _param_text(p) -> str:
+    """A corruption's severity parameter: a number, or a tuple of numbers (defocus, motion, fog, saturate)."""
+    if isinstance(p, (list, tuple)):
+        return "(" + ", ".join(f"{v:g}" for v in p) + ")"
+    return f"{p:g}"
+
+
 def gate_style(name: str, family: str) -> Dict[str, Any]:
     """Colour and line style of a gate: one hue family per signal family, fixed across all plots."""
     from .gates import GATES
@@ -176,7 +183,7 @@ def plot_corruption(report: Dict[str, Any], path: Path) -> None:
         if j == 0:
             handles += [hf, ho]
         params = report["corruptions"][kind].get("params") or []
-        ax_acc.set_title(f"{kind}" + (f" (params {', '.join(f'{p:g}' for p in params)})" if params else ""), fontsize=9)
+        ax_acc.set_title(f"{kind}" + (f" (params {', '.join(_param_text(p) for p in params)})" if params else ""), fontsize=9)
         ax_acc.set_ylabel("accuracy (%)")
         ax_cost.set_ylabel("mean cost (% of plain network)")
         ax_cost.set_xlabel("severity (0 = clean)")

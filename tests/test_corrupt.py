@@ -29,7 +29,10 @@ def mad(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
 
 
-@pytest.mark.parametrize("kind", KINDS)
+ORDERED = [k for k in KINDS if k != "saturate"]  # CIFAR-10-C's saturate desaturates at 1-2, oversaturates at 3-5
+
+
+@pytest.mark.parametrize("kind", ORDERED)
 def test_distortion_grows_with_severity(kind):
     images = natural_images()
     diffs = [mad(corrupt(images, kind, s, seed=1), images) for s in range(1, 6)]
@@ -76,7 +79,7 @@ def test_aliases_and_errors():
     assert set(SEVERITY_PARAMS) == set(KINDS) and all(len(v) == 5 for v in SEVERITY_PARAMS.values())
     images = natural_images(1)
     with pytest.raises(ValueError, match="unknown corruption"):
-        corrupt(images, "fog", 1)
+        corrupt(images, "frost", 1)
     with pytest.raises(ValueError, match="severity"):
         corrupt(images, "noise", 6)
     with pytest.raises(ValueError, match="severity"):
@@ -91,3 +94,34 @@ def test_aliases_and_errors():
 def test_torch_free():
     code = "import sys, edgeexit.corrupt; assert 'torch' not in sys.modules, 'corrupt imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_saturate_follows_cifar10c_order():
+    images = natural_images()
+    def saturation(x):
+        x = x.astype(np.float64) / 255
+        v = x.max(-1)
+        return float(np.where(v > 0, (v - x.min(-1)) / np.maximum(v, 1e-9), 0).mean())
+    base = saturation(images)
+    s = [saturation(corrupt(images, "saturate", k)) for k in range(1, 6)]
+    assert s[1] < s[0] < base < s[2] < s[3] < s[4], (base, s)
+    gray = natural_images(2, channels=1)
+    np.testing.assert_array_equal(corrupt(gray, "saturate", 5), gray)  # gray has no saturation
+
+
+def test_new_kinds_act_as_documented():
+    images = natural_images()
+    bright = corrupt(images, "brightness", 5)
+    assert bright.astype(int).mean() > images.astype(int).mean() + 40  # V + 0.3
+    assert np.array_equal(corrupt(images, "motion", 3, seed=0), corrupt(images, "motion", 3, seed=0))
+    assert not np.array_equal(corrupt(images, "motion", 3, seed=0), corrupt(images, "motion", 3, seed=1))
+    fog = corrupt(images, "fog", 5)
+    assert fog.astype(float).std() < images.astype(float).std()  # fog flattens the image
+    pix = corrupt(images, "pixelate", 5)
+    assert pix.shape == images.shape
+    shot = [corrupt(images, "shot", 3, seed=s) for s in (0, 1)]
+    assert not np.array_equal(*shot)
+    big = natural_images(1, size=64)  # pixel parameters scale with the image
+    assert corrupt(big, "defocus", 5).shape == big.shape
+    assert corrupt(natural_images(1, size=48, channels=1), "fog", 3).shape == (1, 48, 48, 1)
+    assert parse_kinds("motion_blur,shot_noise,defocus_blur,saturation") == ["motion", "shot", "defocus", "saturate"]

@@ -113,7 +113,7 @@ def test_evaluate_errors_are_one_line(tiny_ckpt, calibrated, test_folder, tmp_pa
     assert "run edgeexit calibrate first" in line
     line = one_line_error(runner.invoke(app, ["evaluate", str(calibrated), "--data", str(tmp_path / "nope")]))
     assert "not found" in line
-    line = one_line_error(runner.invoke(app, ["evaluate", str(calibrated), "--data", str(test_folder), "--corrupt", "fog",
+    line = one_line_error(runner.invoke(app, ["evaluate", str(calibrated), "--data", str(test_folder), "--corrupt", "frost",
                                               "--out", str(tmp_path)]))
     assert "unknown corruption" in line
     flat = tmp_path / "flat"

@@ -386,3 +386,19 @@ def test_core_modules_do_not_import_torch():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+def test_combined_gates_are_products_with_a_coherence_veto():
+    rng = np.random.default_rng(7)
+    sig = rng.random((5, 7))
+    sig[0, G.SIGNAL_NAMES.index("coh_cosine")] = 0.0  # first kept exit: no previous map, no veto
+    p, m, cos = (sig[:, G.SIGNAL_NAMES.index(n)] for n in ("max_prob", "margin", "coh_cosine"))
+    want = p * np.where(cos == 0, 1.0, cos)
+    np.testing.assert_allclose(G.gate_score("conf_coh", sig), want)
+    np.testing.assert_allclose(G.gate_score("margin_coh", sig), m * np.where(cos == 0, 1.0, cos))
+    spec = G.gate_spec("conf_coh")
+    cols = spec.signals  # an exported stage computes only these
+    np.testing.assert_allclose(G.gate_score("conf_coh", sig[:, [G.SIGNAL_NAMES.index(c) for c in cols]], columns=cols), want)
+    with pytest.raises(ValueError, match="coh_cosine"):
+        G.gate_score("conf_coh", sig[:, :1], columns=("max_prob",))
+    assert spec.needs_prev_cam and spec.signal_cost > 0 and G.signals_for(["conf_coh"]) == ("max_prob", "coh_cosine")

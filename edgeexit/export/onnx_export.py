@@ -261,6 +261,8 @@ def _gate_tolerance(policy: ExitPolicy, i: int, tol: float) -> float:
         return tol
     if policy.gate == "patience":
         return 0.0
+    if gate_spec(policy.gate).family == "combined":  # a product of signals in [0, 1]: each factor moves by tol
+        return len(gate_spec(policy.gate).signals) * tol
     params = policy.learned[i]  # logistic: |d sigmoid| <= 1/4 |sum w_j / std_j dx_j|
     n = len(SIGNAL_NAMES)
     lips = sum(abs(float(w)) / max(abs(float(s)), 1e-12) for w, s in zip(params["weights"][:n], params["std"][:n]))
@@ -444,6 +446,19 @@ def _fmt(v: float) -> str:
     return f"{v:.1e}"
 
 
+def _drift_of(ckpt: Mapping[str, Any], policy: ExitPolicy) -> Optional[Dict[str, Any]]:
+    """The calibration's drift reference of ``policy``'s gate (``calibrate.drift_block``), when the exported
+    policy is the one it was measured for (same kept exits and thresholds); else None (no guard)."""
+    entry = ((ckpt.get("calibration") or {}).get("gates") or {}).get(policy.gate) or {}
+    drift, calibrated = entry.get("drift"), entry.get("policy")
+    if not drift or not calibrated:
+        return None
+    same = ExitPolicy.from_dict(calibrated)
+    if tuple(same.kept) != tuple(policy.kept) or list(same.thresholds) != list(policy.thresholds):
+        return None
+    return dict(drift)
+
+
 def _pipeline_policies(gates: Optional[Sequence[str]], chosen: ExitPolicy, ckpt: Mapping[str, Any],
                        origin: str) -> Dict[str, ExitPolicy]:
     """The policy of every gate to export: the chosen one, plus each gate named in ``gates`` with its calibrated
@@ -566,6 +581,8 @@ def export_bundle(
         cam_hw = [tuple(int(v) for v in c.shape[1:]) for c in cams]
         pipelines = {gate: _export_pipeline(model, p, tmp, example, feats, cams, cam_hw, costs, opset)
                      for gate, p in policies.items()}
+        for gate, p in policies.items():  # the drift guard's reference, measured for this very policy
+            pipelines[gate]["drift"] = _drift_of(ckpt, p)
         full_path = tmp / "full.onnx"
         _export_onnx(FullGraph(model.segments, model.heads[-1]).eval(), (example,), full_path, ["input"], ["logits"], opset)
         mono_entry = _file_entry(full_path, _onnx_io(full_path), costs.reference_macs,

@@ -324,6 +324,7 @@ class Pipeline:
     stages: Tuple[ModelFile, ...]
     cams: Tuple[ModelFile, ...]
     checks: Optional[Dict[str, Any]] = None
+    drift: Optional[Dict[str, Any]] = None  # the drift guard's reference (edgeexit.runtime.drift), when exported
 
     @property
     def kept(self) -> Tuple[int, ...]:
@@ -661,7 +662,7 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
                 if f.engine is not None:
                     unique(f.engine.file, f"{field}.{group}[{j}].engine.file")
         pipe = Pipeline(gate=str(gate), policy=policy, signals=tuple(entry["signals"]), stages=stages, cams=cams,
-                        checks=entry.get("checks"))
+                        checks=entry.get("checks"), drift=entry.get("drift"))
         _check_pipeline(pipe, num_exits, image, len(classes), field)
         pipelines[str(gate)] = pipe
     default_gate = str(data["default_gate"])

@@ -97,6 +97,29 @@ class RunOptions:
     height: Optional[int] = None
     fps: Optional[float] = None
     quiet: bool = False
+    drift_window: Optional[int] = None
+    no_drift: bool = False
+
+
+def drift_runner(runner: StageRunner, bundle: Any, engines: Any, options: RunOptions) -> Tuple[Any, Any]:
+    """(runner, DriftGuard or None): the calibrated runner wrapped with a conservative one on the same backend
+    when the pipeline has a drift reference and the run uses its calibrated policy (``runtime.drift``)."""
+    from .drift import DriftGuard, DriftReference, SwitchingRunner  # noqa: PLC0415
+
+    o = options
+    if o.drift_window is not None and o.drift_window < 1:
+        raise ValueError(f"--drift-window must be >= 1, got {o.drift_window}")
+    reference = runner.pipeline.drift
+    if o.no_drift or o.full or reference is None or o.threshold is not None or o.max_exit is not None:
+        if o.drift_window is not None and reference is None and not o.no_drift:
+            raise ValueError(f"--drift-window: the {runner.pipeline.gate} pipeline of this bundle has no drift "
+                             "reference (export a checkpoint calibrated with this version)")
+        return runner, None
+    ref = DriftReference.from_dict(reference)
+    guard = DriftGuard(ref, o.drift_window)
+    thresholds = math.inf if ref.conservative_thresholds is None else list(ref.conservative_thresholds)
+    conservative = StageRunner(bundle, engines, gate=o.gate, threshold=thresholds, keep_cam=runner.keep_cam)
+    return SwitchingRunner(runner, conservative, guard), guard
 
 
 def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, capture_factory: Any = None) -> int:
@@ -143,11 +166,13 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
     source = None
     writer = saver = None
     stats: Optional[RunStats] = None
+    drift = None
     interrupted = False
     guard = InterruptGuard()  # issue 11: the first SIGINT/SIGTERM stops the run, later ones cannot lose the summary
     try:
         runner = StageRunner(bundle, engines, gate=gate, threshold=threshold, max_exit=max_exit, full=full,
                              keep_cam=save is not None)
+        runner, drift = drift_runner(runner, bundle, engines, o)  # issue 13: conservative policy under drift
         source = open_source(source_uri, loop=loop, max_frames=max_frames, classes=tuple(runner.classes),
                              width=width, height=height, fps=fps, capture_factory=capture_factory)
         writer = JsonlWriter(out, stream=stdout)
@@ -164,8 +189,19 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
              f"{engines.describe()}; {mode}")
         info(f"edgeexit: input {source.describe()}" + (f" -> {out}" if out else ""))
 
+        if drift is not None:
+            info(f"edgeexit: drift guard on (window {drift.window}, |z| > {drift.reference.bound:.2f} switches to "
+                 + ("full depth" if drift.reference.conservative_thresholds is None else "the conservative thresholds")
+                 + "; --no-drift turns it off)")
+
         def on_decision(frame: Any, decision: Decision) -> None:
-            writer.write(frame_record(frame, decision, runner.classes))  # the line first: it is what must survive
+            record = frame_record(frame, decision, runner.classes)
+            if drift is not None:
+                event = drift.update(None if decision.failed else decision.confidence)
+                record["drift"] = drift.record(event)
+                if event is not None:
+                    info(f"edgeexit: drift guard: {event} at frame {drift.frames - 1} (z = {drift.z:+.2f})")
+            writer.write(record)  # the line first: it is what must survive
             stats.add(decision, frame.label)
             if saver is not None and frame.image is not None:
                 saver.save(frame, decision)
@@ -211,6 +247,8 @@ def run_command(options: RunOptions, *, stdout: Any = None, stderr: Any = None, 
     stats.ended_reason = None if interrupted else getattr(source, "ended_reason", None)
     try:
         stats.render(summary_file, title=f"edgeexit run: {Path(str(bundle_path)).name} on {source.display}")
+        if drift is not None:
+            print(drift.summary(), file=summary_file, flush=True)
         if saver is not None and saver.saved:
             where = saver.video_path or saver.directory
             print(f"annotated frames: {where}", file=summary_file, flush=True)

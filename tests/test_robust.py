@@ -1,0 +1,131 @@
+"""Calibration for degraded inputs (edgeexit.robust): synthetic outputs, so the robust target can be checked
+against the stored policy re-simulated as the runtime applies it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeexit.calibrate import CostModel, calibrate_outputs
+from edgeexit.collect import ExitOutputs
+from edgeexit.policy import ExitPolicy
+from edgeexit.robust import Conditions, parse_severities, pool_outputs
+
+E, C = 3, 4
+
+
+def synthetic(n: int, p_right, gap_right, gap_wrong, seed: int) -> ExitOutputs:
+    """Exit i is right with probability p_right[i]; the logit gap of its top class is N(gap_right, 0.7) when right
+    and N(gap_wrong, 0.7) when wrong (an overconfident condition has gap_wrong close to gap_right)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, n)
+    logits = rng.normal(0, 0.3, (n, E, C)).astype(np.float32)
+    for i in range(E):
+        right = rng.random(n) < p_right[i]
+        other = (labels + rng.integers(1, C, n)) % C
+        top = np.where(right, labels, other)
+        gap = np.where(right, rng.normal(gap_right, 0.7, n), rng.normal(gap_wrong[i], 0.7, n))
+        logits[np.arange(n), i, top] += gap
+    cams = [rng.random((n, 4, 4)).astype(np.float32) for _ in range(E)]
+    return ExitOutputs(logits, cams, labels)
+
+
+def costs() -> CostModel:
+    return CostModel((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), 0.0, "macs", "test")
+
+
+@pytest.fixture(scope="module")
+def pooled():
+    n = 1500
+    clean = synthetic(n, (0.6, 0.8, 0.95), 3.0, (0.5, 0.5, 0.5), seed=1)
+    fog = synthetic(n, (0.35, 0.6, 0.9), 3.0, (2.6, 2.0, 0.5), seed=2)  # wrong but confident early on
+    return clean, fog, pool_outputs([clean, fog]), n
+
+
+def per_condition_drop(policy: ExitPolicy, out: ExitOutputs) -> tuple:
+    """(drop in points below the final exit, mean cost) of a stored policy, as the runtime decides."""
+    ex = policy.decide(out.signals(policy.temperatures, policy.exits), out.classes)
+    acc = out.correct[np.arange(len(out)), ex].mean()
+    cost = costs().exit_vector(policy.exits)[ex].mean()
+    return 100 * (out.correct[:, -1].mean() - acc), cost
+
+
+def test_robust_policy_meets_the_target_on_every_condition(pooled):
+    clean, fog, pool, n = pooled
+    cond = Conditions.blocks(["clean", "fog-3"], n, mode="worst", max_drop=1.0)
+    res = calibrate_outputs(pool, costs(), max_drop=1.0, gate_names=["max_prob"], conditions=cond)
+    g = res.calibration["gates"]["max_prob"]
+    pol = ExitPolicy.from_dict(g["policy"])
+    drops = [per_condition_drop(pol, out) for out in (clean, fog)]
+    assert drops[0][0] <= 1.0 + 1e-9 and drops[1][0] <= 1.0 + 1e-9
+    assert g["robust"]["per_condition"]["fog-3"]["drop"] == pytest.approx(drops[1][0])
+    assert g["mean_cost"] == pytest.approx(drops[0][1]) and g["robust"]["clean_cost"] == pytest.approx(drops[0][1])
+    assert res.calibration["target"]["robust"]["conditions"] == ["clean", "fog-3"]
+    # the clean-only policy is cheaper on clean frames but breaks the target on the overconfident condition
+    plain = ExitPolicy.from_dict(calibrate_outputs(clean, costs(), max_drop=1.0, gate_names=["max_prob"]).policy)
+    plain_clean, plain_fog = per_condition_drop(plain, clean), per_condition_drop(plain, fog)
+    assert plain_fog[0] > 2.0
+    assert plain_clean[1] <= drops[0][1] + 1e-9
+    assert drops[0][1] < 0.99  # and the robust policy still exits early on clean frames
+
+
+def test_mean_mode_allows_a_worse_condition_up_to_the_worst_bound(pooled):
+    _, fog, pool, n = pooled
+    loose = Conditions.blocks(["clean", "fog-3"], n, mode="mean", max_drop=1.0, worst_drop=3.0)
+    strict = Conditions.blocks(["clean", "fog-3"], n, mode="mean", max_drop=1.0, worst_drop=1.0)
+    a = calibrate_outputs(pool, costs(), max_drop=1.0, gate_names=["max_prob"], conditions=loose).calibration
+    b = calibrate_outputs(pool, costs(), max_drop=1.0, gate_names=["max_prob"], conditions=strict).calibration
+    ga, gb = a["gates"]["max_prob"], b["gates"]["max_prob"]
+    assert ga["meets_target"] and gb["meets_target"]
+    assert ga["robust"]["worst_drop"] <= 3.0 + 1e-9 and gb["robust"]["worst_drop"] <= 1.0 + 1e-9
+    assert ga["mean_cost"] <= gb["mean_cost"] + 1e-12
+
+
+def test_learned_gate_folds_are_grouped_by_image(pooled):
+    _, _, pool, n = pooled
+    cond = Conditions.blocks(["clean", "fog-3"], n)
+    folds = cond.tile_folds(np.arange(2 * n) % 5)
+    assert np.array_equal(folds[:n], folds[n:])
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="severities"):
+        parse_severities("0,3")
+    assert parse_severities("5,1,5") == [5, 1]
+    with pytest.raises(ValueError, match="--robust"):
+        Conditions.blocks(["clean"], 3, mode="median")
+    with pytest.raises(ValueError, match="clean"):
+        Conditions.blocks(["fog-1"], 3)
+    pool = pool_outputs([synthetic(30, (0.5, 0.6, 0.9), 3, (1, 1, 1), 0)] * 2)
+    with pytest.raises(ValueError, match="--budget"):
+        calibrate_outputs(pool, costs(), budget=0.5, conditions=Conditions.blocks(["clean", "x-1"], 30))
+
+
+def test_cli_degrade_writes_robust_statistics_and_drift(tiny_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeexit.checkpoint import load_checkpoint
+    from edgeexit.cli import app
+
+    from .test_calibrate import one_line_error
+
+    runner = CliRunner()
+    out = tmp_path / "cal.pt"
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--out", str(out), "--quiet", "--gates", "max_prob,conf_coh",
+                                 "--degrade", "noise,fog", "--severities", "1,5", "--stage-overhead", "0"])
+    assert result.exit_code == 0, result.output
+    assert "4 condition(s)" in result.stderr and "worst loss" in result.stdout
+    cal = load_checkpoint(out)["calibration"]
+    assert cal["target"]["robust"]["conditions"] == ["clean", "noise-1", "noise-5", "fog-1", "fog-5"]
+    for g in cal["gates"].values():
+        r = g["robust"]
+        assert set(r["per_condition"]) == set(cal["target"]["robust"]["conditions"])
+        assert r["worst_drop"] == max(v["drop"] for k, v in r["per_condition"].items() if k != "clean")
+        assert g["drift"]["bound"] >= 4.0 and g["drift"]["window"] == 32
+    assert "--budget" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
+                                                            "--budget", "0.5"]))
+    assert "unknown corruption" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "snow"]))
+    assert "severities" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
+                                                              "--severities", "7"]))
+    assert "--robust" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
+                                                            "--robust", "median"]))
