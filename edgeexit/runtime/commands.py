@@ -117,8 +117,11 @@ def drift_runner(runner: StageRunner, bundle: Any, engines: Any, options: RunOpt
         return runner, None
     ref = DriftReference.from_dict(reference)
     guard = DriftGuard(ref, o.drift_window)
-    thresholds = math.inf if ref.conservative_thresholds is None else list(ref.conservative_thresholds)
-    conservative = StageRunner(bundle, engines, gate=o.gate, threshold=thresholds, keep_cam=runner.keep_cam)
+    if ref.conservative_thresholds is None:  # full depth: the plain network in one call, not every stage
+        conservative = StageRunner(bundle, engines, gate=o.gate, full=True)
+    else:
+        conservative = StageRunner(bundle, engines, gate=o.gate, threshold=list(ref.conservative_thresholds),
+                                   keep_cam=runner.keep_cam)
     return SwitchingRunner(runner, conservative, guard), guard
 
 
