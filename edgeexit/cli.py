@@ -320,7 +320,7 @@ def run(
                                        "Fields: frame, time (video, camera) or name (file), class_id, label, "
                                        "confidence, exit, gate_score, latency_ms (the frame's share of the inference "
                                        "time), macs, true_id / true_label / correct (labelled folders), failed "
-                                       "(reason or null)."),
+                                       "(reason or null), drift (the drift guard's state, when it runs)."),
     save: Optional[Path] = typer.Option(None, "--save", help="Save annotated frames (label, exit, CAM overlay) here: "
                                         "PNGs for images, a video for video and camera inputs."),
     batch: int = typer.Option(1, "--batch", min=1, help="Frames per batch (samples that exit leave the batch)."),
