@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "plain", "write_json"]
 
@@ -72,23 +72,26 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def plain(value: Any) -> Any:
-    """A strict-JSON copy of ``value`` (module docstring); numpy is handled without importing it."""
+def plain(value: Any, digits: Optional[int] = None) -> Any:
+    """A strict-JSON copy of ``value`` (module docstring); numpy is handled without importing it. ``digits``:
+    floats rounded to that many significant digits (drops float noise, keeps tiny values)."""
     if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): plain(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+        return [plain(v, digits) for v in value]
     if isinstance(value, (bool, str)) or value is None:
         return value
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "tolist") and not isinstance(value, (int, float)):  # numpy scalar or array
-        return plain(value.tolist())
+        return plain(value.tolist(), digits)
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        if not math.isfinite(value):
+            return None
+        return value if digits is None else float(f"{value:.{digits}g}")
     return value
 
 
-def write_json(path: Union[str, Path], data: Any) -> None:
-    """``plain(data)`` as indented strict JSON, written atomically."""
-    atomic_write_text(path, json.dumps(plain(data), indent=2, allow_nan=False) + "\n")
+def write_json(path: Union[str, Path], data: Any, digits: Optional[int] = None) -> None:
+    """``plain(data, digits)`` as indented strict JSON, written atomically."""
+    atomic_write_text(path, json.dumps(plain(data, digits), indent=2, allow_nan=False) + "\n")

@@ -58,15 +58,6 @@ class StageGraph(nn.Module):
         classes = int(num_classes if num_classes is not None else head.fc.out_features)
         self.signal_graph = SignalGraph(classes, self.cam_hw, prev_hw, temperature)
 
-    @property
-    def input_names(self) -> Tuple[str, ...]:
-        return ("features_in",) + (("prev_cam",) if self.takes_prev else ())
-
-    @property
-    def output_names(self) -> Tuple[str, ...]:
-        return (("features", "class", "confidence") + (("signals",) if self.signal_names else ())
-                + (("cam",) if self.emit_cam else ()))
-
     def forward(self, x: torch.Tensor, prev_cam: Optional[torch.Tensor] = None):
         for segment in self.segments:
             x = segment(x)

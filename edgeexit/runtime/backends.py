@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .engine import Backend, BackendError, Buffer, Engine
+from .engine import TENSORRT_MISSING, Backend, BackendError, Buffer, Engine
 
 __all__ = [
     "BackendError",
@@ -379,10 +379,6 @@ def open_backend(
             backend.notes.append(fallback)
     _open_all(backend, files)
     return backend
-
-
-TENSORRT_MISSING = ("the tensorrt backend needs TensorRT and pycuda (JetPack ships python3-libnvinfer; pip install "
-                    "pycuda); use --backend onnxruntime")
 
 
 def _tensorrt(bundle: Any, max_batch: int, kwargs: Mapping[str, Any]) -> Backend:

@@ -449,8 +449,8 @@ def _engine(root: Path, data: Any, field: str, verify: bool) -> Optional[EngineI
     )
 
 
-def _check_sha(path: Path, expected: str, field: str) -> None:
-    actual = sha256_file(path)
+def _check_sha(path: Path, expected: str, field: str, content: Optional[bytes] = None) -> None:
+    actual = sha256_file(path) if content is None else hashlib.sha256(content).hexdigest()
     if actual != expected:
         raise BundleError(
             f"{path}: SHA-256 does not match {field}.sha256 in {MANIFEST} "
@@ -458,18 +458,16 @@ def _check_sha(path: Path, expected: str, field: str) -> None:
         )
 
 
-def _check_io(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], field: str) -> None:
+def _check_io(path: Path, content: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+              field: str) -> None:
     """The ONNX file's own inputs and outputs (names, dtypes, static shapes) must be those the manifest declares."""
     try:
-        real_in, real_out = read_io(path)
+        real_in, real_out = read_io(path, content)
     except OnnxIOError as exc:
         raise BundleError(f"{path}: {exc}") from None
     for what, declared, real in (("inputs", inputs, real_in), ("outputs", outputs, real_out)):
         want = [(t.name, t.static_shape, t.dtype) for t in declared]
-        got = []
-        for name, shape, dtype in real:
-            static = tuple(d for d in shape[1:])
-            got.append((name, static, dtype))
+        got = [(name, tuple(shape[1:]), dtype) for name, shape, dtype in real]
         if want != got:
             def show(items: Sequence[Tuple[str, Tuple[Any, ...], str]]) -> str:
                 return ", ".join(f"{n}{list(s)} {d}" for n, s, d in items)
@@ -480,11 +478,12 @@ def _check_io(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[Tensor
 def _model_file(root: Path, data: Mapping[str, Any], kind: str, field: str, verify: bool) -> ModelFile:
     name = check_file_name(data.get("file"), f"{field}.file")
     path = _inside(root, name, f"{field}.file")
+    content = path.read_bytes()  # read once: hashed and its inputs/outputs parsed
     if verify:
-        _check_sha(path, data["sha256"], field)
+        _check_sha(path, data["sha256"], field, content)
     inputs = tuple(TensorSpec.from_dict(t) for t in data["inputs"])
     outputs = tuple(TensorSpec.from_dict(t) for t in data["outputs"])
-    _check_io(path, inputs, outputs, field)
+    _check_io(path, content, inputs, outputs, field)
     temperature = data.get("temperature")
     segments = data.get("segments") or (-1, -1)
     cam_shape = data.get("cam_shape") or (0, 0)

@@ -164,7 +164,6 @@ class StageRunner:
         else:
             self._stages = [backend.engine(f) for f in self.pipeline.stages]
         self._bound: Optional[List[Callable[[], None]]] = None
-        self.batches = 0
 
     # -- public -----------------------------------------------------------------------------------------------
     @property
@@ -305,7 +304,6 @@ class StageRunner:
 
     # -- batches ----------------------------------------------------------------------------------------------
     def _run_batch(self, x: np.ndarray, force_all: bool = False) -> List[Decision]:
-        self.batches += 1
         n = x.shape[0]
         results: List[Optional[Decision]] = [None] * n
         spent = np.zeros(n, dtype=np.float64)

@@ -20,7 +20,10 @@ import numpy as np
 
 from ..errors import EdgeexitError
 
-__all__ = ["BackendError", "Buffer", "Engine", "Backend"]
+__all__ = ["BackendError", "Buffer", "Engine", "Backend", "TENSORRT_MISSING"]
+
+TENSORRT_MISSING = ("the tensorrt backend needs TensorRT and pycuda (JetPack ships python3-libnvinfer; pip install "
+                    "pycuda); use --backend onnxruntime")
 
 
 class BackendError(EdgeexitError, RuntimeError):

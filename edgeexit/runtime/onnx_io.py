@@ -9,7 +9,7 @@ every other field, the weights included, is skipped by its length, so a 45 MB fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, List, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 __all__ = ["OnnxIOError", "read_io", "ONNX_DTYPES"]
 
@@ -86,10 +86,11 @@ def _value_info(buf: memoryview) -> IOSpec:
     return name, tuple(dims), dtype
 
 
-def read_io(path: Union[str, Path]) -> Tuple[List[IOSpec], List[IOSpec]]:
-    """(inputs, outputs) of an ONNX file as (name, shape, dtype); initializers listed as inputs are left out."""
+def read_io(path: Union[str, Path], content: Optional[bytes] = None) -> Tuple[List[IOSpec], List[IOSpec]]:
+    """(inputs, outputs) of an ONNX file as (name, shape, dtype); initializers listed as inputs are left out.
+    ``content``: the file's bytes when the caller has read them already."""
     try:
-        data = memoryview(Path(path).read_bytes())
+        data = memoryview(Path(path).read_bytes() if content is None else content)
         graph = next((v for f, w, v in _fields(data) if f == 7 and w == 2), None)
         if graph is None:
             raise OnnxIOError("no graph")

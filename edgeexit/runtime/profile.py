@@ -55,7 +55,6 @@ the measurement and the result documents.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -133,24 +132,6 @@ def _finite(x: Any) -> bool:
 def _sig(x: float, digits: int = 6) -> float:
     """``x`` rounded to ``digits`` significant digits (keeps tiny energies, drops float noise)."""
     return float(f"{float(x):.{digits}g}")
-
-
-def _clean(value: Any) -> Any:
-    """Strict-JSON copy: numpy -> Python, non-finite floats -> None, tuples -> lists."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (bool, str)) or value is None:
-        return value
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        f = float(value)
-        return _sig(f, 9) if math.isfinite(f) else None
-    if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
-    return value
 
 
 def _energy_label(is_estimate: bool) -> str:
@@ -1065,7 +1046,7 @@ def render_table(result: Dict[str, Any], file: Optional[TextIO] = None) -> None:
 
 
 def write_json(path: Path, data: Dict[str, Any]) -> None:
-    """Strict JSON (``_clean``: numbers rounded to 9 significant digits, NaN -> null), written atomically."""
-    from ..jsonio import atomic_write_text  # noqa: PLC0415
+    """Strict JSON (numbers rounded to 9 significant digits, NaN -> null), written atomically."""
+    from ..jsonio import write_json as _write  # noqa: PLC0415
 
-    atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
+    _write(path, data, digits=9)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .engine import Backend, BackendError, Buffer, Engine
+from .engine import TENSORRT_MISSING, Backend, BackendError, Buffer, Engine
 
 __all__ = [
     "TRTEngine",
@@ -51,10 +51,6 @@ __all__ = [
     "import_tensorrt",
 ]
 
-TENSORRT_MISSING = (
-    "the tensorrt backend needs TensorRT and pycuda (JetPack ships python3-libnvinfer; pip install pycuda); "
-    "use --backend onnxruntime"
-)
 
 
 def import_tensorrt() -> Tuple[Any, Any]:
