@@ -1,6 +1,6 @@
 """Gate benchmark: calibrate every gate on the held-out part of train/, report on test/ (clean and corrupted).
 
-    python benchmarks/gates.py --ckpt runs/cifar10-resnet20.pt --test ../shared/data/cifar10/test --name cifar10
+    python benchmarks/gates.py --ckpt benchmarks/models/cifar10-resnet20.pt --test ../shared/data/cifar10/test --name cifar10
     python benchmarks/gates.py --ckpt runs/canvas-resnet20.pt --test runs/canvas/test --boxes runs/canvas/test/boxes.json --name canvas
 
 Writes benchmarks/results/<name>/: report.json (edgeexit evaluate's), gates.json, gates.md and the plots.

@@ -1,6 +1,6 @@
 """Record a training run (recipe, time, per-exit validation accuracy per epoch) from its checkpoint.
 
-    python benchmarks/record_training.py runs/cifar10-resnet20.pt --name cifar10
+    python benchmarks/record_training.py benchmarks/models/cifar10-resnet20.pt --name cifar10
 
 Writes benchmarks/results/<name>/train.json and train.md.
 """
@@ -21,6 +21,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", type=Path)
     parser.add_argument("--name", required=True)
+    parser.add_argument("--where", default="the machine was shared during part of the run",
+                        help="Where and how the epochs ran (the record cannot tell).")
     args = parser.parse_args()
     ckpt = load_checkpoint(args.ckpt)
     history = ckpt["history"]
@@ -38,7 +40,7 @@ def main() -> None:
     md = [f"# Training record: {args.name}\n",
           f"{cfg['arch']} width {cfg['width']}, {len(history)} epochs, batch {cfg['batch_size']}, lr {cfg['lr']}, "
           f"distill {cfg['distill']}, schedule {cfg['schedule']}; {sum(seconds) / 60:.0f} min of epochs "
-          f"(per epoch {min(seconds):.0f}-{max(seconds):.0f} s; the machine was shared during part of the run).\n",
+          f"(per epoch {min(seconds):.0f}-{max(seconds):.0f} s; {args.where}).\n",
           markdown_table(["exit", "cost % of plain network", "final val acc %"],
                          [[i, f"{100 * f:.1f}", f"{a:.2f}"] for i, (f, a) in enumerate(zip(fractions, history[-1]["val_accuracy"]))])]
     (out / "train.md").write_text("\n".join(md))

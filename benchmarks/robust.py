@@ -1,6 +1,6 @@
 """Degraded inputs: leave-one-group-out calibration and a stream with the drift guard.
 
-    python benchmarks/robust.py --ckpt runs/cifar10-resnet20.pt --test ../shared/data/cifar10/test --name cifar10
+    python benchmarks/robust.py --ckpt benchmarks/models/cifar10-resnet20.pt --test ../shared/data/cifar10/test --name cifar10
     python benchmarks/robust.py --gray48 --name gray48        # builds the second data set and model (see below)
 
 Generalisation (``groups``): the 11 corruption kinds of ``edgeexit.corrupt`` fall into four groups (noise: noise,
@@ -130,7 +130,7 @@ def take(res: Dict[str, np.ndarray], idx: np.ndarray) -> Dict[str, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", type=Path, default=Path("runs/cifar10-resnet20.pt"))
+    ap.add_argument("--ckpt", type=Path, default=Path("benchmarks/models/cifar10-resnet20.pt"))
     ap.add_argument("--test", type=Path, default=Path("../shared/data/cifar10/test"))
     ap.add_argument("--name", default="cifar10")
     ap.add_argument("--n-test", type=int, default=2000)

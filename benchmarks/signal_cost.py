@@ -1,9 +1,10 @@
 """What does computing a gate's signals add to a stage? (ONNX Runtime CPU, batch 1, one thread)
 
-    python benchmarks/signal_cost.py --ckpt runs/cifar10-resnet20.pt
+    python benchmarks/signal_cost.py --ckpt benchmarks/models/cifar10-resnet20.pt
 
 For every gate, the stage of exit ``--exit`` (its segment + head, the gate's signals, the previous exit's CAM for
-the coherence gates) is exported and timed alone against the same stage for the margin gate (minimum over
+the coherence gates) is exported and timed alone against the same stage for the max_prob gate, whose only
+signal is the confidence every stage outputs anyway (minimum over
 repeats of a 300-call loop's mean, the variants interleaved). The per-call overhead (``boundary``) is measured as
 in ``edgeexit profile``: every exit kept as its own margin stage, ``(sum of stages - full.onnx - heads at its
 rate) / (stages - 1)`` (``edgeexit.runtime.profile.boundary_estimate``). The ratio extra / boundary is the
@@ -45,7 +46,7 @@ def main() -> None:
     from edgeexit.runtime.profile import boundary_estimate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", type=Path, default=Path("runs/cifar10-resnet20.pt"))
+    parser.add_argument("--ckpt", type=Path, default=Path("benchmarks/models/cifar10-resnet20.pt"))
     parser.add_argument("--exit", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "signal-cost")
@@ -97,7 +98,7 @@ def main() -> None:
         mono_best = min(mono_best, loop_us(*mono))
     costs = model.costs()
     boundary, _ = boundary_estimate(stage_best, mono_best, sum(costs.head_macs[:-1]), costs.reference_macs)
-    base = best["margin"]
+    base = best["max_prob"]  # every stage emits class and confidence (= max_prob) anyway: the rest is extra
     rows, out = [], {}
     for g, v in best.items():
         extra = max(0.0, v - base)
@@ -109,7 +110,7 @@ def main() -> None:
                                                "monolithic_us": mono_best, "gates": out})
     md = (f"# Signal cost of each gate's stage (exit {k}), ONNX Runtime CPU, 1 thread (`python benchmarks/signal_cost.py`)\n\n"
           f"per-call overhead (boundary) {boundary:.1f} us; full.onnx {mono_best:.1f} us\n\n"
-          + markdown_table(["gate", "stage us", "extra vs margin us", "extra / boundary", "GATES signal_cost"], rows))
+          + markdown_table(["gate", "stage us", "extra vs max_prob us", "extra / boundary", "GATES signal_cost"], rows))
     (args.out / "signal_cost.md").write_text(md + "\n")
     print(md)
 

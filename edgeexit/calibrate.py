@@ -31,6 +31,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,7 +42,7 @@ from . import gates as G
 from . import stages
 from .metrics import accuracy_cost_auc
 from .policy import ExitPolicy
-from .thresholds import PathPoint, choose, greedy_path, oracle, orient, simulate
+from .thresholds import PathPoint, choose, choose_confident, greedy_path, oracle, orient, simulate
 
 __all__ = [
     "CostModel", "DEFAULT_STAGE_OVERHEAD", "model_costs", "load_costs", "resolve_costs", "parse_gates",
@@ -437,13 +438,23 @@ class CalibrationResult:
     oriented: Dict[str, np.ndarray] = field(default_factory=dict)  # gate -> oriented scores at its kept exits
 
 
-def _target_dict(final_acc: float, max_drop: Optional[float], budget: Optional[float]) -> Dict[str, Any]:
+def _target_dict(final_acc: float, max_drop: Optional[float], budget: Optional[float],
+                 confidence_level: Optional[float] = None) -> Dict[str, Any]:
     if budget is not None:
         return {"kind": "budget", "budget": float(budget), "max_drop": None, "accuracy": None,
-                "final_accuracy": final_acc}
+                "final_accuracy": final_acc, "confidence": None}
     drop = 1.0 if max_drop is None else float(max_drop)
     return {"kind": "accuracy", "budget": None, "max_drop": drop, "accuracy": final_acc - drop / 100.0,
-            "final_accuracy": final_acc}
+            "final_accuracy": final_acc, "confidence": confidence_level}
+
+
+def check_confidence(level: Optional[float]) -> Optional[float]:
+    """``--confidence``: a one-sided level in [0.5, 1) (0.5 is the plain point estimate), or None."""
+    if level is None:
+        return None
+    if not (math.isfinite(level) and 0.5 <= level < 1):
+        raise ValueError(f"--confidence must lie in [0.5, 1) (e.g. 0.95), got {level}")
+    return float(level)
 
 
 def _meets(target: Dict[str, Any], accuracy: float, cost_fraction: float) -> bool:
@@ -504,6 +515,10 @@ def _try_subset(cols: ScoreColumns, gate: str, exits: Chain, costs: CostModel, t
         return _Trial(exits, path, point, meets, ev)
     if target["kind"] == "budget":
         point = choose(path, budget=target["budget"])
+    elif target.get("confidence") is not None:  # the loss's upper bound, not its estimate, within the target
+        z = NormalDist().inv_cdf(target["confidence"])
+        point = choose_confident(path, scores, cols.correct[:, kept], costs.fractions(exits),
+                                 target["max_drop"] / 100.0, z)
     else:
         point = choose(path, target_accuracy=target["accuracy"])
     return _Trial(exits, path, point, _meets(target, point.accuracy, point.mean_cost))
@@ -607,14 +622,21 @@ def calibrate_outputs(
     exits: Optional[Sequence[int]] = None,
     max_kept: Optional[int] = None,
     conditions=None,
+    confidence_level: Optional[float] = None,
 ) -> CalibrationResult:
     """Calibrate every gate on collected ``ExitOutputs`` (labels known). ``max_drop`` in accuracy points
     (default 1.0) or ``budget`` (mean cost as a fraction of the plain network): not both. Every subset of the
     internal exits is tried (at most ``max_kept`` exits each), or only ``exits`` when given (``()``: none).
     ``conditions`` (``robust.Conditions``): ``outputs`` pools clean and degraded copies of the split; each
-    operating point must meet the per-condition target, and accuracy / cost / drop in the statistics are clean."""
+    operating point must meet the per-condition target, and accuracy / cost / drop in the statistics are clean.
+    ``confidence_level`` (one-sided, e.g. 0.95): the accuracy target must hold for the upper confidence bound of
+    the loss, not its estimate (``thresholds.choose_confident``)."""
     if max_drop is not None and budget is not None:
         raise ValueError("give --max-drop or --budget, not both")
+    confidence_level = check_confidence(confidence_level)
+    if confidence_level is not None and (budget is not None or conditions is not None):
+        raise ValueError("--confidence applies to an accuracy target (--max-drop) on clean images: "
+                         "not with --budget or --degrade")
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"--budget must be a positive fraction of the plain network (e.g. 0.5), got {budget}")
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
@@ -640,7 +662,7 @@ def calibrate_outputs(
         cols.fold_ids = conditions.tile_folds(cols.fold_ids)
     exit_acc = cols.correct[clean].mean(axis=0)
     final_acc = float(exit_acc[-1])
-    target = _target_dict(final_acc, max_drop, budget)
+    target = _target_dict(final_acc, max_drop, budget, confidence_level)
     if conditions is not None:
         target["robust"] = conditions.target()
     oracle_cost, oracle_acc = oracle(cols.correct[clean], costs.single_exit_fractions())
@@ -717,6 +739,7 @@ def calibrate(
     severities: str | Sequence[int] = "1,3,5",
     robust: str = "mean",
     worst_drop: float = 2.5,
+    confidence_level: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Calibrate a checkpoint's exit gates on its calibration split and write ``policy`` and ``calibration``
     into it (atomically; ``out`` writes a new checkpoint instead). Returns the calibration dict.
@@ -724,7 +747,8 @@ def calibrate(
     ``stage_overhead``: MACs per engine call when costs are MACs (default ``DEFAULT_STAGE_OVERHEAD``); ``exits``:
     force the kept internal exits ("2,4", "none" or a list) instead of searching every subset; ``max_kept``: try
     only subsets of at most that many internal exits. ``degrade``: corruption kinds ("noise,blur" or a list) to
-    calibrate for degraded inputs too, at ``severities``, with the ``robust`` target (``edgeexit.robust``)."""
+    calibrate for degraded inputs too, at ``severities``, with the ``robust`` target (``edgeexit.robust``).
+    ``confidence_level``: hold the accuracy target at this one-sided confidence (``calibrate_outputs``)."""
     from . import robust as R
     from .checkpoint import load_model, save_checkpoint
     from .corrupt import parse_kinds
@@ -733,6 +757,9 @@ def calibrate(
 
     if max_drop is not None and budget is not None:
         raise ValueError("give --max-drop or --budget, not both")
+    if check_confidence(confidence_level) is not None and (budget is not None or degrade):
+        raise ValueError("--confidence applies to an accuracy target (--max-drop) on clean images: "
+                         "not with --budget or --degrade")
     gate_names = parse_gates(gates)
     model, ckpt = load_model(ckpt_path)
     if model.num_exits < 2:
@@ -766,11 +793,12 @@ def calibrate(
         log(f"degraded copies: {len(names) - 1} condition(s) ({', '.join(kinds)} at severities "
             f"{','.join(map(str, sev))}), {len(outputs)} samples pooled")
     result = calibrate_outputs(outputs, costs, max_drop=max_drop, budget=budget, gate_names=gate_names,
-                               folds=folds, seed=seed, exits=forced, max_kept=max_kept, conditions=conditions)
+                               folds=folds, seed=seed, exits=forced, max_kept=max_kept, conditions=conditions,
+                               confidence_level=confidence_level)
     search = result.calibration["subset_search"]
     log(f"searched {search['subsets']} exit subset(s) x {len(gate_names)} gate(s) in {search['seconds']:.1f} s")
     small = confidence.split_warning(result.calibration["confidence"], result.calibration["target"]["max_drop"])
-    if small:
+    if small and confidence_level is None:  # with a confidence level the bound already pays for a small split
         log(f"edgeexit: warning: {small}")
     split = ckpt.get("split") or {}
     result.calibration["split"] = {
@@ -825,6 +853,8 @@ def print_calibration(cal: Dict[str, Any], console=None) -> None:
     t = cal["target"]
     goal = (f"accuracy >= {100 * t['accuracy']:.2f}% (final exit {100 * t['final_accuracy']:.2f}% minus "
             f"{t['max_drop']:g} pts)" if t["kind"] == "accuracy" else f"mean cost <= {100 * t['budget']:.1f}% of the plain network")
+    if t.get("confidence") is not None:
+        goal += f", held with {100 * t['confidence']:g}% confidence (the loss's upper bound meets it)"
     costs = cal["costs"]
     overhead = f"{costs.get('boundary') or 0:g} {costs['unit']} per stage"
     table = Table(title=f"Exit gates calibrated on {cal['n']} images", box=box.SIMPLE_HEAVY, pad_edge=False)

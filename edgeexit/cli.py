@@ -212,6 +212,12 @@ def calibrate(
                                "worst loss <= --worst-drop) or worst (every condition's loss <= --max-drop)."),
     worst_drop: float = typer.Option(2.5, "--worst-drop", help="With --degrade --robust mean: the largest loss "
                                      "allowed on any corrupted copy (points)."),
+    confidence: Optional[float] = typer.Option(None, "--confidence", help="Hold --max-drop with this one-sided "
+                                               "confidence (e.g. 0.95): the upper bound of the loss on the "
+                                               "calibration split, not its estimate, must meet the target, so the "
+                                               "target holds on new images at that rate. Points are tested from "
+                                               "full depth towards cheaper ones and the search stops at the first "
+                                               "that fails (fixed-sequence testing). [default: the estimate]"),
 ) -> None:
     """Fit temperatures, orient every exit gate and choose, per gate, the internal exits to keep and their
     thresholds on the calibration split; write the winning policy (and every gate's) into the checkpoint."""
@@ -229,7 +235,7 @@ def calibrate(
                                   exits=exits, max_kept=max_kept, folds=folds, batch_size=batch_size,
                                   device=device, progress=not quiet and sys.stderr.isatty(),
                                   log=lambda m: typer.echo(m, err=True), degrade=degrade, severities=severities,
-                                  robust=robust, worst_drop=worst_drop)
+                                  robust=robust, worst_drop=worst_drop, confidence_level=confidence)
     except (CheckpointError, *USER_ERRORS) as exc:
         fail(str(exc))
     except KeyboardInterrupt:

@@ -82,8 +82,9 @@ class GateSpec:
     also receive the previous kept exit's CAM; ``needs_patience``: the runtime counts agreeing exits.
     ``signal_cost``: what computing those signals adds to an internal stage, in per-call overheads (the
     ``boundary`` of ``edgeexit.stages``): MACs do not see it (a CAM, its entropy, a map resize and SSIM are many
-    tiny graph nodes). Measured on ONNX Runtime CPU against a margin stage, in units of the measured per-call
-    overhead (``benchmarks/signal_cost.py``, results in ``benchmarks/results/signal-cost/``).
+    tiny graph nodes). Measured on ONNX Runtime CPU against a max_prob stage (every stage outputs the confidence
+    anyway), in units of the measured per-call overhead, mean of 3 runs (``benchmarks/signal_cost.py``, results in
+    ``benchmarks/results/signal-cost/``).
     """
 
     name: str
@@ -99,26 +100,27 @@ class GateSpec:
 
 GATES: "Mapping[str, GateSpec]" = {g.name: g for g in (
     GateSpec("max_prob", "softmax", "maxp", "largest softmax probability", ("max_prob",)),
-    GateSpec("margin", "softmax", "margin", "top-1 minus top-2 softmax probability", ("margin",)),
-    GateSpec("entropy_conf", "softmax", "1-H", "1 - softmax entropy / log C", ("entropy_conf",)),
+    GateSpec("margin", "softmax", "margin", "top-1 minus top-2 softmax probability", ("margin",),
+             signal_cost=0.06),
+    GateSpec("entropy_conf", "softmax", "1-H", "1 - softmax entropy / log C", ("entropy_conf",), signal_cost=0.1),
     GateSpec("sal_entropy", "saliency", "salH", "spatial entropy of the CAM", ("sal_entropy",), needs_cam=True,
-             signal_cost=0.85),
+             signal_cost=1.0),
     GateSpec("sal_spread", "saliency", "spread", "squared radius of gyration of the CAM", ("sal_spread",),
-             needs_cam=True, signal_cost=0.85),
+             needs_cam=True, signal_cost=1.0),
     GateSpec("coh_cosine", "coherence", "cos", "cosine of this and the previous exit's CAM", ("coh_cosine",),
-             needs_cam=True, needs_prev_cam=True, signal_cost=1.4),
+             needs_cam=True, needs_prev_cam=True, signal_cost=1.5),
     GateSpec("coh_ssim", "coherence", "ssim", "SSIM of this and the previous exit's CAM", ("coh_ssim",),
-             needs_cam=True, needs_prev_cam=True, signal_cost=1.75),
+             needs_cam=True, needs_prev_cam=True, signal_cost=1.85),
     # combined (issue 13): a softmax confidence times the CAM coherence with the previous kept exit, a soft veto:
     # a confident exit whose evidence moved since the last exit (typical of noise and blur) scores low
     GateSpec("conf_coh", "combined", "p*cos", "max_prob x coh_cosine (confidence, vetoed by incoherent CAMs)",
-             ("max_prob", "coh_cosine"), needs_cam=True, needs_prev_cam=True, signal_cost=1.4),
+             ("max_prob", "coh_cosine"), needs_cam=True, needs_prev_cam=True, signal_cost=1.45),
     GateSpec("margin_coh", "combined", "m*cos", "margin x coh_cosine (margin, vetoed by incoherent CAMs)",
-             ("margin", "coh_cosine"), needs_cam=True, needs_prev_cam=True, signal_cost=1.4),
+             ("margin", "coh_cosine"), needs_cam=True, needs_prev_cam=True, signal_cost=1.55),
     GateSpec("patience", "agreement", "pat", "consecutive exits agreeing on the class (PABEE)", (),
              needs_patience=True),
     GateSpec("learned", "learned", "learned", "logistic regression over every signal and patience", SIGNAL_NAMES,
-             needs_cam=True, needs_prev_cam=True, needs_patience=True, signal_cost=2.9),
+             needs_cam=True, needs_prev_cam=True, needs_patience=True, signal_cost=3.0),
 )}
 """The one registry of exit gates: CLI help, calibration, plots, explain, the manifest schema, the export (which
 signals a head computes) and the runtime all read it."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from .metrics import auroc
 
-__all__ = ["PathPoint", "simulate", "greedy_path", "choose", "oracle", "orient"]
+__all__ = ["PathPoint", "simulate", "greedy_path", "choose", "choose_confident", "loss_upper_bound", "oracle", "orient"]
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,40 @@ def choose(
     if not ok:
         return min(pts, key=lambda p: (p.mean_cost, -p.accuracy))
     return max(ok, key=lambda p: (p.accuracy, -p.mean_cost))
+
+
+def loss_upper_bound(taken_correct: np.ndarray, final_correct: np.ndarray, z: float) -> float:
+    """One-sided upper confidence bound of an operating point's accuracy loss (a fraction), from n paired images.
+
+    ``d_j = final_j - taken_j`` (1: the final exit is right and the taken exit wrong; -1: the reverse);
+    ``bound = mean(d) + z * sqrt((mean(d^2) - mean(d)^2) / n)`` (normal approximation of the paired mean; ``z`` =
+    the standard normal quantile of the confidence level, 1.645 at 95%).
+    """
+    d = np.asarray(final_correct, dtype=np.float64) - np.asarray(taken_correct, dtype=np.float64)
+    n = d.shape[0]
+    mean = float(d.mean())
+    var = max(float(np.mean(d * d)) - mean * mean, 0.0)
+    return mean + float(z) * math.sqrt(var / n)
+
+
+def choose_confident(path: Sequence[PathPoint], scores: np.ndarray, correct: np.ndarray,
+                     cumulative_cost: Sequence[float], max_loss: float, z: float) -> PathPoint:
+    """The accuracy target held with confidence: fixed-sequence testing along the path (as in Learn then Test,
+    Angelopoulos et al. 2021). Points are visited from full depth (no loss) towards cheaper ones; each is accepted
+    while ``loss_upper_bound <= max_loss`` (a fraction) and the walk stops at the first that fails, so the test
+    order is fixed before the data speak. Returns the last accepted point (full depth if the first one fails)."""
+    pts = list(path)
+    if not pts:
+        raise ValueError("choose_confident needs a non-empty path")
+    c = np.asarray(correct).astype(bool)
+    rows = np.arange(c.shape[0])
+    chosen = pts[0]
+    for point in pts:
+        ex, _, _ = simulate(scores, c, cumulative_cost, point.thresholds)
+        if loss_upper_bound(c[rows, ex], c[:, -1], z) > max_loss + 1e-12:
+            break
+        chosen = point
+    return chosen
 
 
 def oracle(correct: np.ndarray, cumulative_cost: Sequence[float]) -> Tuple[float, float]:

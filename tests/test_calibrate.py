@@ -114,6 +114,30 @@ def test_calibration_meets_target_on_its_split(cal_outputs):
     assert winner["mean_cost"] == min(g["mean_cost"] for g in cal["gates"].values() if g["meets_target"])
 
 
+def test_confidence_holds_the_target_for_the_upper_bound(cal_outputs):
+    from statistics import NormalDist
+
+    from edgeexit.thresholds import loss_upper_bound
+
+    model, _, out = cal_outputs
+    costs = model_costs(model, stage_overhead=0)
+    plain = calibrate_outputs(out, costs, max_drop=5.0, gate_names=["max_prob", "margin"]).calibration
+    held = calibrate_outputs(out, costs, max_drop=5.0, gate_names=["max_prob", "margin"],
+                             confidence_level=0.95).calibration
+    assert held["target"]["confidence"] == 0.95 and plain["target"]["confidence"] is None
+    z = NormalDist().inv_cdf(0.95)
+    for gate, g in held["gates"].items():
+        pol = ExitPolicy.from_dict(g["policy"])
+        ex = pol.decide(out.signals(pol.temperatures, pol.exits), out.classes)
+        rows = np.arange(len(out))
+        assert 100 * loss_upper_bound(out.correct[rows, ex], out.correct[:, -1], z) <= 5.0 + 1e-9, gate
+        assert g["mean_cost"] >= plain["gates"][gate]["mean_cost"] - 1e-12, gate  # confidence is paid in cost
+    with pytest.raises(ValueError, match="--confidence"):
+        calibrate_outputs(out, costs, budget=0.5, confidence_level=0.95)
+    with pytest.raises(ValueError, match=r"\[0.5, 1\)"):
+        calibrate_outputs(out, costs, max_drop=1.0, confidence_level=1.2)
+
+
 def test_budget_target_and_gate_subset(cal_outputs):
     model, _, out = cal_outputs
     res = calibrate_outputs(out, model_costs(model, stage_overhead=0), budget=0.5, gate_names=["max_prob", "sal_entropy"])
@@ -254,6 +278,9 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
     bad = costs_json(tmp_path / "c.json", [1, 1], [1, 1])
     assert "exits" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--costs", str(bad)]))
     assert "--costs" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--cost-metric", "energy_mj"]))
+    assert "--confidence" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--confidence", "0.99",
+                                                                 "--budget", "0.5"]))
+    assert "--confidence" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--confidence", "1.5"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,3 +26,27 @@ def test_run_without_arguments_runs_the_demo():
     n = len([p for p in demo_path(DEMO_SAMPLES).rglob("*.png")])
     assert len(lines) == n and all({"frame", "label", "exit", "latency_ms", "correct"} <= set(line) for line in lines)
     assert "accuracy" in r.stderr.lower() and "p95" in r.stderr.lower()
+
+
+def test_reference_checkpoint_is_the_demo_bundles_model():
+    """benchmarks/models/cifar10-resnet20.pt (what the README's results are measured on) computes what the shipped
+    demo bundle's full.onnx computes: the committed weights and the committed bundle are one model."""
+    import numpy as np
+    import onnxruntime as ort
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    from pathlib import Path
+
+    from edgeexit.checkpoint import load_model
+    from edgeexit.export.head_graph import FullGraph
+
+    ckpt = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "cifar10-resnet20.pt"
+    model, data = load_model(ckpt)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = FullGraph(model.segments, model.heads[-1]).eval()(torch.from_numpy(x)).numpy()
+    session = ort.InferenceSession(str(demo_path(DEMO_BUNDLE) / "full.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert list(data["classes"]) == list(load_bundle(demo_path(DEMO_BUNDLE)).classes)

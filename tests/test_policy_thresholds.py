@@ -11,7 +11,8 @@ import pytest
 
 from edgeexit import gates as G
 from edgeexit.policy import ExitPolicy
-from edgeexit.thresholds import PathPoint, choose, greedy_path, oracle, orient, simulate
+from edgeexit.thresholds import (PathPoint, choose, choose_confident, greedy_path, loss_upper_bound, oracle, orient,
+                                 simulate)
 
 
 def synthetic(n=2000, e=5, seed=0):
@@ -297,3 +298,43 @@ def test_override():
     with pytest.raises(ValueError):
         pol.override(max_exit=4)
     assert ExitPolicy.from_dict(json.loads(json.dumps(capped.to_dict()))) == capped
+
+
+def test_loss_upper_bound_formula():
+    # 100 images: 10 right only at the final exit, 4 right only at the taken exit, the rest agree
+    final = np.array([1] * 10 + [0] * 4 + [1] * 50 + [0] * 36)
+    taken = np.array([0] * 10 + [1] * 4 + [1] * 50 + [0] * 36)
+    d = final - taken  # mean 0.06, mean(d^2) 0.14
+    expected = 0.06 + 1.645 * math.sqrt((0.14 - 0.06 ** 2) / 100)
+    assert loss_upper_bound(taken, final, 1.645) == pytest.approx(expected)
+    assert loss_upper_bound(taken, final, 0.0) == pytest.approx(d.mean())  # z = 0: the estimate itself
+    assert loss_upper_bound(final, final, 3.0) == 0.0  # no disagreement: no uncertainty
+
+
+def test_choose_confident_stops_at_the_first_failing_point():
+    rng = np.random.default_rng(3)
+    n = 4000
+    correct = np.ones((n, 3), dtype=bool)
+    correct[:, 0] = rng.random(n) < 0.7  # a weak first exit whose score says little about it
+    correct[:, 1] = rng.random(n) < 0.9
+    scores = rng.random((n, 2))
+    cost = [0.3, 0.6, 1.0]
+    path = greedy_path(scores, correct, cost, n_candidates=32)
+    z, max_loss = 1.645, 0.02
+    point = choose_confident(path, scores, correct, cost, max_loss, z)
+    rows = np.arange(n)
+
+    def bound(p):
+        ex, _, _ = simulate(scores, correct, cost, p.thresholds)
+        return loss_upper_bound(correct[rows, ex], correct[:, -1], z)
+
+    i = path.index(point)
+    assert all(bound(p) <= max_loss for p in path[: i + 1])  # every point up to the chosen one passed, in order
+    assert i == len(path) - 1 or bound(path[i + 1]) > max_loss  # and the next one is the first that failed
+    estimate = choose(path, target_accuracy=correct[:, -1].mean() - max_loss)
+    assert point.mean_cost >= estimate.mean_cost  # holding the bound costs at least as much as the estimate
+    # a zero-loss target keeps only savings that lose no image at all (here: none beyond the first few points)
+    strict = choose_confident(path, scores, correct, cost, 0.0, z)
+    assert bound(strict) <= 0.0 and path.index(strict) < i
+    with pytest.raises(ValueError, match="non-empty"):
+        choose_confident([], scores, correct, cost, max_loss, z)
