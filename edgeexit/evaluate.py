@@ -320,6 +320,8 @@ def print_report(report: Dict[str, Any], console=None) -> None:
     t = report["calibration"]["target"] or {}
     goal = (f"accuracy within {t.get('max_drop'):g} pts of the final exit" if t.get("kind") == "accuracy"
             else f"mean cost <= {_pct(t.get('budget'))}%")
+    if t.get("confidence") is not None:
+        goal += f", held with {100 * t['confidence']:g}% confidence on the calibration split"
     gates = Table(title="Exit gates at their calibrated operating points", box=box.SIMPLE_HEAVY, pad_edge=False)
     for col in ("gate", "exits", "cost %", "acc %", "loss", "calib.", "AUC", "AUROC", "exits %"):
         gates.add_column(col, justify="left" if col in ("gate", "exits") else "right", no_wrap=True)
