@@ -94,8 +94,9 @@ def split_warning(conf: Dict[str, Any], max_drop: Optional[float]) -> Optional[s
         return None
     pct = f"{100 * conf['level']:g}%"
     needed = images_needed(n, width, max_drop)
-    advice = (f"about {needed} held-out images would narrow it to the target (raise --val-fraction or add images)"
-              if needed else "a 0-point target cannot be checked on a finite split")
+    advice = (f"about {needed} held-out images would narrow it to the target (raise --val-fraction or add images), "
+              "or --confidence 0.95 holds the target on the interval's upper end" if needed
+              else "a 0-point target cannot be checked on a finite split")
     return (f"the calibration split ({n} images) is too small for a {max_drop:g}-point target: the {pct} interval "
             f"of the accuracy loss is {d['low']:.1f} to {d['high']:.1f} points ({width:.1f} wide); {advice}")
 
