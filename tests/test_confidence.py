@@ -53,7 +53,7 @@ def test_small_split_warning_and_the_images_it_asks_for():
     needed = images_needed(120, width, 1.0)
     assert needed == math.ceil(120 * width**2)
     assert message.startswith("the calibration split (120 images) is too small for a 1-point target")
-    assert f"about {needed} held-out images" in message
+    assert f"about {needed} held-out images" in message and "--confidence 0.95" in message
     # the answer is right: the same split repeated k times, k = needed / 120, has an interval about 1 point wide
     k = math.ceil(needed / 120)
     big = bootstrap_point(np.tile(taken, k), np.tile(final, k), np.tile(cost, k), n_boot=1000)
