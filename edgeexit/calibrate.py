@@ -448,12 +448,16 @@ def _target_dict(final_acc: float, max_drop: Optional[float], budget: Optional[f
             "final_accuracy": final_acc, "confidence": confidence_level}
 
 
-def check_confidence(level: Optional[float]) -> Optional[float]:
-    """``--confidence``: a one-sided level in [0.5, 1) (0.5 is the plain point estimate), or None."""
+def check_confidence(level: Optional[float], budget: Optional[float] = None, degraded: bool = False) -> Optional[float]:
+    """``--confidence``: a one-sided level in [0.5, 1) (0.5 is the plain point estimate) for an accuracy target on
+    clean images, or None."""
     if level is None:
         return None
     if not (math.isfinite(level) and 0.5 <= level < 1):
         raise ValueError(f"--confidence must lie in [0.5, 1) (e.g. 0.95), got {level}")
+    if budget is not None or degraded:
+        raise ValueError("--confidence applies to an accuracy target (--max-drop) on clean images: "
+                         "not with --budget or --degrade")
     return float(level)
 
 
@@ -633,10 +637,7 @@ def calibrate_outputs(
     the loss, not its estimate (``thresholds.choose_confident``)."""
     if max_drop is not None and budget is not None:
         raise ValueError("give --max-drop or --budget, not both")
-    confidence_level = check_confidence(confidence_level)
-    if confidence_level is not None and (budget is not None or conditions is not None):
-        raise ValueError("--confidence applies to an accuracy target (--max-drop) on clean images: "
-                         "not with --budget or --degrade")
+    confidence_level = check_confidence(confidence_level, budget, conditions is not None)
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"--budget must be a positive fraction of the plain network (e.g. 0.5), got {budget}")
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
@@ -757,9 +758,7 @@ def calibrate(
 
     if max_drop is not None and budget is not None:
         raise ValueError("give --max-drop or --budget, not both")
-    if check_confidence(confidence_level) is not None and (budget is not None or degrade):
-        raise ValueError("--confidence applies to an accuracy target (--max-drop) on clean images: "
-                         "not with --budget or --degrade")
+    check_confidence(confidence_level, budget, bool(degrade))  # fail before the model pass
     gate_names = parse_gates(gates)
     model, ckpt = load_model(ckpt_path)
     if model.num_exits < 2:
