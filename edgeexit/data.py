@@ -16,6 +16,9 @@ seed, so a run is reproducible whatever the number of workers):
   ImageNet training's 8%: data sets here are small and often train on frozen features);
 - ``flip``: the evaluation transform (resize + centre crop), horizontal flip;
 - ``none``: the evaluation transform only.
+
+``--augmix`` adds AugMix (``augmix.py``) after any of these: mixed chains of geometric and tonal operations that are
+none of the corruptions the toolkit evaluates on, so exits stay confident for the right reasons on degraded frames.
 """
 
 from __future__ import annotations
@@ -125,10 +128,12 @@ def resolve_augment(name: str, input_size: int) -> str:
 class TrainTransform:
     """uint8 HxWxC image of any size + a seeded numpy Generator -> uint8 crop x crop x C (see the module docstring)."""
 
-    def __init__(self, preprocess: Preprocess, augment: str, area: tuple[float, float] = (0.25, 1.0)) -> None:
+    def __init__(self, preprocess: Preprocess, augment: str, area: tuple[float, float] = (0.25, 1.0),
+                 augmix: bool = False) -> None:
         self.preprocess = preprocess
         self.augment = resolve_augment(augment, preprocess.crop)
         self.area = area
+        self.augmix = augmix
         self.square = Preprocess(preprocess.channels, preprocess.resize, preprocess.resize, preprocess.mean,
                                  preprocess.std)
         self.fill = np.asarray([round(255 * m) for m in preprocess.mean], dtype=np.uint8)
@@ -142,6 +147,10 @@ class TrainTransform:
             out = self.preprocess.resize_and_crop(image)
         if self.augment != "none" and rng.random() < 0.5:
             out = out[:, ::-1]
+        if self.augmix:
+            from .augmix import augmix
+
+            out = augmix(np.ascontiguousarray(out), rng)
         return np.ascontiguousarray(out)
 
     def _pad_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

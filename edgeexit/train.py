@@ -63,6 +63,7 @@ class TrainConfig:
     limit: int | None = None
     normalize: str = "auto"  # auto (the pretrained weights', else data) | data | imagenet | half
     augment: str = "auto"  # auto | none | flip | pad-crop | resized-crop (data.py)
+    augmix: bool = False  # AugMix after the augmentation above (augmix.py)
     workers: int | None = None  # DataLoader worker processes [default: data.default_workers()]
     cache_mb: int = 1024  # heads mode: cached features kept in memory up to this size, else on disk
     device: str = "auto"
@@ -221,14 +222,34 @@ def model_config(cfg: TrainConfig, num_classes: int, input_size: int) -> dict:
 
 def load_init_weights(model: MultiExitNet, weights: InitWeights | str) -> tuple[int, int, list[str]]:
     """Load pretrained backbone weights (any layout ``models.pretrained`` reads) into the model's segments and
-    final classifier. Returns (tensors loaded, tensors in the backbone, notes)."""
+    final classifier; an edgeexit checkpoint's internal exit heads too when its exits are the model's (fine-tuning
+    keeps what the heads learned). Returns (tensors loaded, tensors in the backbone, notes)."""
     from .models.pretrained import load_into
 
     if isinstance(weights, str):
         weights = read_init_weights(weights)
     target = backbone_state_names(model)
     loaded, notes = load_into(model, weights, target)
+    notes += load_exit_heads(model, weights.exit_heads)
     return loaded, len(target), notes
+
+
+def load_exit_heads(model: MultiExitNet, exit_heads: dict | None) -> list[str]:
+    """Copy a checkpoint's internal heads into ``model`` if they fit it exactly (same exits, same shapes); else
+    the heads start fresh. Returns a note saying which."""
+    if not exit_heads:
+        return []
+    own = model.state_dict()
+    state = exit_heads["state"]
+    if list(exit_heads["exits"]) != list(model.config["exits"]):
+        return [f"internal heads not loaded: exits {exit_heads['exits']} in the weights, {model.config['exits']} "
+                f"in the model"]
+    wanted = [k for k in own if k.startswith("heads.") and int(k.split(".")[1]) < len(model.config["exits"])]
+    if set(wanted) != set(state) or any(own[k].shape != state[k].shape for k in wanted):
+        return ["internal heads not loaded: their layers differ from the model's (another --head-grid or class count?)"]
+    own.update(state)
+    model.load_state_dict(own)
+    return [f"internal heads of exits {model.config['exits']} loaded too"]
 
 
 @dataclass
@@ -368,10 +389,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         input_source = plan.source
     input_size = preprocess.crop
     # Frozen backbone, no augmentation asked for: each head's input is a fixed function of the image, computed once.
-    use_cache = cfg.mode == "heads" and cfg.augment in ("auto", "none") and world == 1
+    use_cache = cfg.mode == "heads" and cfg.augment in ("auto", "none") and not cfg.augmix and world == 1
     augment = "none" if use_cache else resolve_augment(cfg.augment, input_size)
     say(f"input: {input_size}x{input_size} px from {input_source}; every image is resized (shorter side "
         f"{preprocess.resize}) and centre-cropped to it; training augmentation: {augment}"
+        + (" + AugMix" if cfg.augmix else "")
         + (" (heads mode: features computed once)" if use_cache else ""))
     say(f"data: {len(train_paths)} training and {len(val_paths)} validation images in {len(folder.classes)} classes, "
         f"streamed by {workers} loader process{'es' if workers != 1 else ''}")
@@ -437,7 +459,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         train_loader = sampler = None
     else:
         sampler = EpochBatches()
-        transform = TrainTransform(preprocess, augment)
+        transform = TrainTransform(preprocess, augment, augmix=cfg.augmix)
         train_loader = make_loader(FolderDataset(train_paths, train_labels, cfg.channels, transform), sampler, workers)
 
     try:

@@ -86,3 +86,26 @@ def test_own_checkpoint_and_backbone_layouts(tmp_path, tiny_ckpt):
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         assert torch.allclose(target.eval()(x)[-1], source(x)[-1], atol=1e-5)
+
+
+def test_own_checkpoint_with_the_same_exits_brings_its_heads(tiny_ckpt):
+    """Fine-tuning an edgeexit checkpoint starts from everything it learned: with the same exits every exit computes
+    what the source computes; with other exits the internal heads start fresh, and the note says so."""
+    from edgeexit.checkpoint import load_model
+
+    source, ckpt = load_model(tiny_ckpt)
+    same = multi_exit("resnet20", 3, 24, width=0.25, exits=[2, 4, 6])
+    _, _, notes = load_init_weights(same, str(tiny_ckpt))
+    assert notes == ["internal heads of exits [2, 4, 6] loaded too"]
+    x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for mine, theirs in zip(same.eval()(x), source(x)):
+            assert torch.allclose(mine, theirs, atol=1e-5)
+    other = multi_exit("resnet20", 3, 24, width=0.25, exits=[2, 4])
+    fresh = other.heads[0].fc.weight.detach().clone()
+    _, _, notes = load_init_weights(other, str(tiny_ckpt))
+    assert notes == ["internal heads not loaded: exits [2, 4, 6] in the weights, [2, 4] in the model"]
+    assert torch.equal(other.heads[0].fc.weight, fresh)
+    wide = multi_exit("resnet20", 3, 24, width=0.25, exits=[2, 4, 6], head_width=3)
+    _, _, notes = load_init_weights(wide, str(tiny_ckpt))
+    assert notes[-1].startswith("internal heads not loaded: their layers differ")

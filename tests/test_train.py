@@ -254,3 +254,10 @@ def test_usage_lines_and_help_read_as_usual(tmp_path):
     assert "run [OPTIONS] [BUNDLE] [SOURCE]" in r.stdout
     r = _cli("export", "--help", env={**os.environ, "COLUMNS": "200"})
     assert "[required when CKPT is a checkpoint]" in r.stdout
+
+
+def test_augmix_training_runs_and_is_recorded(tmp_path):
+    data = write_folder(tmp_path / "data", per_class=3)
+    ckpt = train(_cfg(data, tmp_path / "m.pt", epochs=1, augmix=True), log=lambda _m: None, progress=False)
+    assert ckpt["train_config"]["augmix"] is True and ckpt["epoch"] == 1
+    assert all(np.isfinite(h["loss"]) for h in ckpt["history"])

@@ -49,6 +49,7 @@ class InitWeights:
     preprocess: dict | None = None
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
+    exit_heads: dict | None = None  # an edgeexit checkpoint's internal heads: {"exits": [...], "state": {heads.K.*}}
 
 
 def _preprocess_from_cfg(cfg: dict) -> dict:
@@ -199,7 +200,10 @@ def read_init_weights(path: Path | str) -> InitWeights:
         pre = ckpt.get("preprocess") or {}
         preprocess = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]), "input_size": int(pre["crop"]),
                       "resize": int(pre["resize"])} if pre else None
-        return InitWeights(path, "edgeexit-checkpoint", renamed, names, preprocess, ckpt["config"].get("arch"))
+        heads = {k: v for k, v in ckpt["state_dict"].items()
+                 if k.startswith("heads.") and int(k.split(".")[1]) < len(ckpt["config"]["exits"])}
+        return InitWeights(path, "edgeexit-checkpoint", renamed, names, preprocess, ckpt["config"].get("arch"),
+                           exit_heads={"exits": list(ckpt["config"]["exits"]), "state": heads})
     try:
         layout = detect_layout(state)
     except WeightsError as exc:
