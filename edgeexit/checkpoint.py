@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from .jsonio import atomic_write_bytes
+from .errors import EdgeexitError
 
 FORMAT = "edgeexit-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED = ("format", "version", "config", "state_dict", "classes", "preprocess")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EdgeexitError, ValueError):
     """A checkpoint that is missing, unreadable or not an edgeexit checkpoint."""
 
 

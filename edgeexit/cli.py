@@ -7,11 +7,13 @@ Every expected failure is one line on stderr and a non-zero exit code, never a t
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from .errors import EdgeexitError
 from .imageio import DEFAULT_MAX_PIXELS
 from .gates import GATE_NAMES
 
@@ -20,8 +22,9 @@ GATE_LIST = ", ".join(GATE_NAMES)  # help texts name the gates of the registry (
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Early-exit CNN classifiers for edge cameras.")
 
-# Exceptions that mean "bad input or environment": printed as one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError)
+# Exceptions that mean "bad input or environment": printed as one line, exit code 2. Every error edgeexit raises on
+# purpose is an EdgeexitError (errors.py); ValueError and OSError come from the libraries and the system.
+USER_ERRORS: tuple[type[BaseException], ...] = (EdgeexitError, ValueError, OSError)
 
 
 class _Command(typer.core.TyperCommand):
@@ -63,6 +66,24 @@ def _root(
 def fail(message: str, code: int = 2) -> None:
     typer.echo(f"edgeexit: error: {message}", err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def one_line_errors(interrupted: str = "interrupted"):
+    """Every command's error contract: a user error is one line and exit code 2, never a traceback; Ctrl-C is exit
+    code 130 with ``interrupted`` (which says what was kept)."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(interrupted, 130)
+
+
+def exit_with(code: int) -> None:
+    """Pass a command's non-zero status (e.g. 1: a run that saw unreadable frames) to the shell."""
+    if code:
+        raise typer.Exit(code)
 
 
 def _parse_list(text: Optional[str], kind=float, name: str = "value") -> Optional[list]:
@@ -149,7 +170,6 @@ def train(
     _set_max_pixels(max_pixels)
     import torch
 
-    from .checkpoint import CheckpointError
     from .collect import one_line_warnings
     from .train import TrainConfig, train as run_training
 
@@ -166,13 +186,9 @@ def train(
         limit=limit, normalize=normalize, device=device, augment=augment, augmix=augmix, workers=workers,
         cache_mb=cache_mb,
     )
-    try:
+    with one_line_errors(f"interrupted; the last finished epoch is saved in {out} (continue with --resume)"):
         with one_line_warnings():
             ckpt = run_training(cfg, log=lambda m: typer.echo(m), progress=not quiet and sys.stderr.isatty())
-    except (CheckpointError, *USER_ERRORS) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail(f"interrupted; the last finished epoch is saved in {out} (continue with --resume)", 130)
     if ckpt:
         _print_exit_table(ckpt)
 
@@ -227,12 +243,11 @@ def calibrate(
     thresholds on the calibration split; write the winning policy (and every gate's) into the checkpoint."""
     _need_torch("calibrate")
     from .calibrate import calibrate as run_calibration, print_calibration
-    from .checkpoint import CheckpointError
     from .collect import one_line_warnings
 
     if max_drop is not None and budget is not None:
         fail("give --max-drop or --budget, not both")
-    try:
+    with one_line_errors("interrupted; the checkpoint is unchanged"):
         with one_line_warnings():
             cal = run_calibration(ckpt, out=out, max_drop=max_drop, budget=budget, costs_path=costs,
                                   cost_metric=cost_metric, data=data, gates=gates, stage_overhead=stage_overhead,
@@ -240,10 +255,6 @@ def calibrate(
                                   device=device, progress=not quiet and sys.stderr.isatty(),
                                   log=lambda m: typer.echo(m, err=True), degrade=degrade, severities=severities,
                                   robust=robust, worst_drop=worst_drop, confidence_level=confidence)
-    except (CheckpointError, *USER_ERRORS) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; the checkpoint is unchanged", 130)
     print_calibration(cal)
     from .calibrate import exits_text
 
@@ -275,21 +286,16 @@ def evaluate(
     cost, operating points, failure-prediction AUROC, oracle; report.json and plots."""
     _need_torch("evaluate")
     _set_max_pixels(max_pixels)
-    from .checkpoint import CheckpointError
     from .collect import one_line_warnings
     from .evaluate import evaluate as run_evaluation, print_report
 
     sev = _parse_list(severities, int, "--severities") or [1, 2, 3, 4, 5]
-    try:
+    with one_line_errors():
         with one_line_warnings():
             report = run_evaluation(ckpt, data, out=out, corrupt=corrupt, severities=sev, costs_path=costs,
                                     cost_metric=cost_metric, limit=limit, batch_size=batch_size, device=device,
                                     plots=not no_plots, progress=not quiet and sys.stderr.isatty(),
                                     log=lambda m: typer.echo(m, err=True))
-    except (CheckpointError, *USER_ERRORS) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
     print_report(report)
 
 
@@ -305,15 +311,12 @@ def explain(
     """One PNG per image: every exit's CAM overlay, prediction, confidence and gate scores; the policy's exit framed."""
     _need_torch("explain")
     _set_max_pixels(max_pixels)
-    from .checkpoint import CheckpointError
     from .collect import one_line_warnings
     from .explain import explain as run_explain
 
-    try:
+    with one_line_errors():
         with one_line_warnings():
             written = run_explain(ckpt, images, out=out, device=device, log=lambda m: typer.echo(m, err=True))
-    except (CheckpointError, *USER_ERRORS) as exc:
-        fail(str(exc))
     for path in written:
         typer.echo(str(path))
 
@@ -365,24 +368,16 @@ def run(
     """Classify frames with a bundle, chaining its stage engines (one per kept exit) and really stopping at the
     first exit whose gate allows it (works without torch). One JSON line per frame; a summary table at the end (on stderr when the
     lines go to stdout), also on Ctrl-C / SIGTERM (exit code 130)."""
-    from .runtime.backends import BackendError
-    from .runtime.bundle import BundleError
     from .runtime.commands import RunOptions, run_command
     _set_max_pixels(max_pixels)
-    from .runtime.sources import SourceError
 
-    try:
+    with one_line_errors():
         code = run_command(RunOptions(
             bundle, source, out=str(out) if out else None, save=str(save) if save else None, batch=batch, gate=gate,
             threshold=threshold, max_exit=max_exit, full=full, backend=backend, providers=providers, threads=threads,
             cuda_graphs=cuda_graphs, loop=loop, max_frames=max_frames, width=width, height=height, fps=fps, quiet=quiet,
             drift_window=drift_window, no_drift=no_drift))
-    except (BundleError, SourceError, BackendError, *USER_ERRORS) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    if code:
-        raise typer.Exit(code)
+    exit_with(code)
 
 
 @app.command()
@@ -414,21 +409,14 @@ def serve(
     """Serve a bundle to many cameras: Triton Inference Server (via PyTriton) with models <name> (early exit) and
     <name>_full (plain network), dynamic batching, health and Prometheus metrics. Needs 'edgeexit[serve]' in a
     venv of the system's Python (see the README). Stops, after draining, on SIGTERM or Ctrl-C."""
-    from .runtime.backends import BackendError
-    from .runtime.bundle import BundleError
-    from .serve.server import ServeError, serve_command
+    from .serve.server import serve_command
 
-    try:
+    with one_line_errors():
         code = serve_command(bundle, name=name, host=host, http_port=http_port, grpc_port=grpc_port,
                              metrics_port=metrics_port, max_batch=max_batch, queue_delay_us=queue_delay_us,
                              instances=instances, gate=gate, backend=backend, providers=providers, threads=threads,
                              stats_interval=stats_interval, drain_timeout=drain_timeout)
-    except (ServeError, BundleError, BackendError, *USER_ERRORS) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    if code:
-        raise typer.Exit(code)
+    exit_with(code)
 
 
 @app.command()
@@ -472,18 +460,13 @@ def export(
     Runtime); --tensorrt also builds engines, or (re)builds them for an existing bundle."""
     from .export.command import export_command
     from .export.summary import print_bundle_table
-    from .runtime.tensorrt_build import TensorRTError
 
-    try:
+    with one_line_errors(f"interrupted; {out or ckpt} was left as it was"):
         bundle = export_command(
             ckpt, out, force=force, opset=opset, samples=samples, check=not no_check, tensorrt=tensorrt, fp16=fp16,
             int8=int8, calib_images=calib_images, calib_data=calib_data, max_batch=max_batch,
             gates=[g.strip() for g in gates.split(",") if g.strip()] if gates else None, echo=lambda m: typer.echo(m), warn=lambda m: typer.echo(f"edgeexit: warning: {m}", err=True),
         )
-    except (TensorRTError, *USER_ERRORS) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail(f"interrupted; {out or ckpt} was left as it was", 130)
     print_bundle_table(bundle)
 
 
@@ -520,25 +503,16 @@ def profile(
     """Measure each stage and full.onnx alone (latency, energy), the per-call overhead, and the adaptive chain
     against full depth on the same frames; write profile.json, costs.json (for edgeexit calibrate --costs) and
     plots. Works without torch."""
-    from .runtime.backends import BackendError
-    from .runtime.bundle import BundleError
     from .runtime.commands import ProfileOptions, profile_command
-    from .runtime.meters import MeterError
     _set_max_pixels(max_pixels)
-    from .runtime.sources import SourceError
 
     options = ProfileOptions(bundle=bundle, source=source, out=str(out) if out else None, gate=gate, backend=backend,
                              providers=providers, threads=threads, batch=batch, frames=frames, seed=seed, block=block,
                              warmup_ms=warmup_ms, iterations=iterations, meter=meter, power_watts=power_watts,
                              rate_hz=rate_hz, cost_metric=cost_metric, quiet=quiet)
-    try:
+    with one_line_errors():
         code = profile_command(options)
-    except (BundleError, SourceError, BackendError, MeterError, *USER_ERRORS) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    if code:
-        raise typer.Exit(code)
+    exit_with(code)
 
 
 def _print_exit_table(ckpt: dict) -> None:

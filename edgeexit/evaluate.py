@@ -42,6 +42,7 @@ from .gates import gate_spec
 from .metrics import accuracy_cost_auc, auroc
 from .policy import ExitPolicy
 from .thresholds import oracle, simulate
+from .errors import EdgeexitError
 
 __all__ = ["REPORT_SCHEMA", "REPORT_KEYS", "GATE_KEYS", "NotCalibratedError", "require_calibration", "analyse",
            "evaluate", "print_report", "write_json"]
@@ -55,7 +56,7 @@ GATE_KEYS = ("family", "accuracy", "mean_cost", "drop", "histogram", "auroc", "m
 CAM_FAMILIES = ("saliency", "coherence")
 
 
-class NotCalibratedError(ValueError):
+class NotCalibratedError(EdgeexitError, ValueError):
     """A checkpoint without ``calibration`` / ``policy``."""
 
 

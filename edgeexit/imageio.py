@@ -10,11 +10,12 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from .errors import EdgeexitError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-class ImageError(ValueError):
+class ImageError(EdgeexitError, ValueError):
     """An image file that cannot be read (missing, empty, corrupt or not an image)."""
 
 

@@ -102,3 +102,31 @@ def test_explain_skips_an_image_above_the_pixel_limit(tiny_ckpt, tiny_folder, tm
     assert len(warnings) == 1 and "too large" in warnings[0]
     assert "Traceback" not in proc.stderr and "DecompressionBomb" not in proc.stderr
     assert len(list((tmp_path / "grids").glob("*.png"))) == 1
+
+
+def test_every_error_edgeexit_raises_shares_the_one_base():
+    """The command layer prints any EdgeexitError as one line (cli.USER_ERRORS); an error class outside the base
+    would surface as a traceback. Every *Error class defined in the package must derive from it, and its message is
+    flattened to one line."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import edgeexit
+    from edgeexit.errors import EdgeexitError
+
+    found = {}
+    for info in pkgutil.walk_packages(edgeexit.__path__, "edgeexit."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == info.name:
+                found[f"{info.name}.{name}"] = obj
+    assert len(found) >= 15
+    outside = sorted(name for name, cls in found.items() if not issubclass(cls, EdgeexitError))
+    assert outside == []
+    for cls in found.values():
+        try:
+            error = cls("first line\n  second line")
+        except TypeError:  # a class with its own constructor
+            continue
+        assert str(error) == "first line second line"

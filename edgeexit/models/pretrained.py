@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from ..errors import EdgeexitError
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_size": 224, "crop_pct": 0.875}
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -33,7 +34,7 @@ RESNET18_BLOCKS = 2  # basic blocks per stage
 MOBILENETV2_BLOCKS = (1, 2, 3, 4, 3, 3, 1)  # inverted residual blocks per stage (MOBILENETV2_SETTINGS)
 
 
-class WeightsError(ValueError):
+class WeightsError(EdgeexitError, ValueError):
     """Weights that cannot be read or do not fit the model (one line)."""
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from ..errors import EdgeexitError
 
 __all__ = [
     "MeterError",
@@ -53,11 +54,8 @@ METER_SPECS = ("auto", "jetson", "nvml", "rapl", "constant", "none")
 Sample = Tuple[float, Dict[str, float]]
 
 
-class MeterError(RuntimeError):
+class MeterError(EdgeexitError, RuntimeError):
     """A meter cannot be opened or used. The message is one line, meant to be printed without a traceback."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 # ----------------------------------------------------------------------------------------------- file helpers

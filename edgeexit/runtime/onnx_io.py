@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
+from ..errors import EdgeexitError
 
 __all__ = ["OnnxIOError", "read_io", "ONNX_DTYPES"]
 
@@ -19,7 +20,7 @@ Dim = Union[int, str]
 IOSpec = Tuple[str, Tuple[Dim, ...], str]
 
 
-class OnnxIOError(ValueError):
+class OnnxIOError(EdgeexitError, ValueError):
     """The file is not a readable ONNX model."""
 
 

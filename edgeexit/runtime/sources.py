@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..imageio import IMAGE_EXTENSIONS, is_image_file, load_image
+from ..errors import EdgeexitError
 
 __all__ = [
     "Frame",
@@ -79,7 +80,7 @@ _JOIN_TIMEOUT_S = 2.0
 _POLL_S = 0.1
 
 
-class SourceError(Exception):
+class SourceError(EdgeexitError):
     """An input that cannot be opened or read; the message is one line and names the URI or path."""
 
 

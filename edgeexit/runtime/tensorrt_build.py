@@ -37,6 +37,7 @@ import numpy as np
 from .bundle import (
     Bundle, ModelFile, atomic_write_bytes, load_bundle, read_manifest, sha256_file, write_manifest,
 )
+from ..errors import EdgeexitError
 
 __all__ = [
     "TensorRTError",
@@ -68,7 +69,7 @@ _DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "in
            "UINT8": "uint8", "BOOL": "bool", "BF16": "bfloat16", "FP8": "fp8"}
 
 
-class TensorRTError(RuntimeError):
+class TensorRTError(EdgeexitError, RuntimeError):
     """A TensorRT problem (one line)."""
 
 

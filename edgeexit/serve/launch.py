@@ -24,13 +24,14 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, List, Optional, Sequence
+from ..errors import EdgeexitError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHONS = ("/usr/bin/python3.11", "/usr/bin/python3")
 READY_MARK = ".edgeexit-serve-ready"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(EdgeexitError, RuntimeError):
     """The server's environment could not be built or the server did not come up (the message says why)."""
 
 

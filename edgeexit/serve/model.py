@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import EdgeexitError
 from ..imageio import ImageError, decode_image
 
 IMAGE_INPUT, FRAME_INPUT = "image", "frame"
@@ -44,7 +45,7 @@ OUTPUTS: Tuple[Tuple[str, Any], ...] = (
 )
 
 
-class BadRequest(ValueError):
+class BadRequest(EdgeexitError, ValueError):
     """A request that cannot be classified; answered in-band (see the module docstring)."""
 
 

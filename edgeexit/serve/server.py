@@ -35,9 +35,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .model import FRAME_INPUT, IMAGE_INPUT, OUTPUTS, ExitCounters, ServeModel
+from ..errors import EdgeexitError
 
 
-class ServeError(RuntimeError):
+class ServeError(EdgeexitError, RuntimeError):
     """An expected problem (missing extra, wrong Python, bad option): one line for the user."""
 
 
