@@ -39,7 +39,9 @@ def main() -> None:
     fractions = [c / ckpt["costs"]["reference_macs"] for c in ckpt["costs"]["cumulative_macs"]]
     md = [f"# Training record: {args.name}\n",
           f"{cfg['arch']} width {cfg['width']}, {len(history)} epochs, batch {cfg['batch_size']}, lr {cfg['lr']}, "
-          f"distill {cfg['distill']}, schedule {cfg['schedule']}; {sum(seconds) / 60:.0f} min of epochs "
+          f"distill {cfg['distill']}, schedule {cfg['schedule']}, augmentation {cfg.get('augment', 'auto')}"
+          f"{' + AugMix' if cfg.get('augmix') else ''}"
+          f"{', from ' + cfg['init_weights'] if cfg.get('init_weights') else ''}; {sum(seconds) / 60:.0f} min of epochs "
           f"(per epoch {min(seconds):.0f}-{max(seconds):.0f} s; {args.where}).\n",
           markdown_table(["exit", "cost % of plain network", "final val acc %"],
                          [[i, f"{100 * f:.1f}", f"{a:.2f}"] for i, (f, a) in enumerate(zip(fractions, history[-1]["val_accuracy"]))])]

@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--ckpt", type=Path, default=Path("benchmarks/models/cifar10-resnet20.pt"))
     ap.add_argument("--test", type=Path, default=Path("../shared/data/cifar10/test"))
     ap.add_argument("--name", default="cifar10")
-    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--n-test", type=int, default=10000, help="test images per condition (10000: the whole CIFAR-10 test split)")
     ap.add_argument("--n-cal", type=int, default=2500, help="held-out training images per condition")
     ap.add_argument("--cal-severities", default="1,3,5")
     ap.add_argument("--max-kept", type=int, default=3)
