@@ -448,17 +448,21 @@ def _target_dict(final_acc: float, max_drop: Optional[float], budget: Optional[f
             "final_accuracy": final_acc, "confidence": confidence_level}
 
 
-def check_confidence(level: Optional[float], budget: Optional[float] = None, degraded: bool = False) -> Optional[float]:
-    """``--confidence``: a one-sided level in [0.5, 1) (0.5 is the plain point estimate) for an accuracy target on
-    clean images, or None."""
+def check_confidence(level: Optional[float], budget: Optional[float] = None) -> Optional[float]:
+    """``--confidence``: a one-sided level in [0.5, 1) (0.5 is the plain point estimate) for an accuracy target
+    (clean, or with ``--degrade`` every condition's), or None."""
     if level is None:
         return None
     if not (math.isfinite(level) and 0.5 <= level < 1):
         raise ValueError(f"--confidence must lie in [0.5, 1) (e.g. 0.95), got {level}")
-    if budget is not None or degraded:
-        raise ValueError("--confidence applies to an accuracy target (--max-drop) on clean images: "
-                         "not with --budget or --degrade")
+    if budget is not None:
+        raise ValueError("--confidence applies to an accuracy target (--max-drop), not to --budget")
     return float(level)
+
+
+def confidence_z(level: Optional[float]) -> Optional[float]:
+    """The standard normal quantile of a one-sided confidence level (1.645 at 0.95), or None."""
+    return None if level is None else float(NormalDist().inv_cdf(level))
 
 
 def _meets(target: Dict[str, Any], accuracy: float, cost_fraction: float) -> bool:
@@ -520,7 +524,7 @@ def _try_subset(cols: ScoreColumns, gate: str, exits: Chain, costs: CostModel, t
     if target["kind"] == "budget":
         point = choose(path, budget=target["budget"])
     elif target.get("confidence") is not None:  # the loss's upper bound, not its estimate, within the target
-        z = NormalDist().inv_cdf(target["confidence"])
+        z = confidence_z(target["confidence"])
         point = choose_confident(path, scores, cols.correct[:, kept], costs.fractions(exits),
                                  target["max_drop"] / 100.0, z)
     else:
@@ -637,7 +641,9 @@ def calibrate_outputs(
     the loss, not its estimate (``thresholds.choose_confident``)."""
     if max_drop is not None and budget is not None:
         raise ValueError("give --max-drop or --budget, not both")
-    confidence_level = check_confidence(confidence_level, budget, conditions is not None)
+    confidence_level = check_confidence(confidence_level, budget)
+    if conditions is not None and confidence_level is not None:  # every condition's target held on its bound
+        conditions = replace(conditions, z=confidence_z(confidence_level))
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"--budget must be a positive fraction of the plain network (e.g. 0.5), got {budget}")
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
@@ -758,7 +764,7 @@ def calibrate(
 
     if max_drop is not None and budget is not None:
         raise ValueError("give --max-drop or --budget, not both")
-    check_confidence(confidence_level, budget, bool(degrade))  # fail before the model pass
+    check_confidence(confidence_level, budget)  # fail before the model pass
     gate_names = parse_gates(gates)
     model, ckpt = load_model(ckpt_path)
     if model.num_exits < 2:

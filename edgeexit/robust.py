@@ -10,6 +10,11 @@ accuracy, but the cheapest whose per-condition drops satisfy the robust target (
   degraded drop <= worst_drop;
 - ``worst``: the drop on every condition (clean included) <= max_drop.
 
+With a confidence level (``calibrate --degrade --confidence L``, ``Conditions.z`` = the standard normal quantile of
+L), each drop above is replaced by its one-sided upper confidence bound (``thresholds.loss_upper_bound`` per
+condition; the mean over degraded conditions is bounded over per-image averages, since every condition holds the same
+images), so each condition's target holds on new images, not only on these.
+
 A condition's drop is ``100 * (acc_final(c) - acc_policy(c))``: points below full depth *on that condition*, so a
 corruption that hurts the whole network is not charged to the gate. The point is found by a binary search over the
 path index (drops grow along the path, from 0 at full depth, near-monotonically), so a subset costs about
@@ -23,11 +28,11 @@ share a fold), so its out-of-fold scores never see the image they score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .thresholds import PathPoint, simulate
+from .thresholds import PathPoint, loss_upper_bound, simulate
 
 __all__ = ["ROBUST_MODES", "Conditions", "pool_outputs", "parse_severities", "condition_name"]
 
@@ -82,6 +87,7 @@ class Conditions:
     mode: str = "mean"
     max_drop: float = 1.0
     worst_drop: float = 2.5
+    z: Optional[float] = None  # confidence: hold the targets on upper bounds of the drops (None: the estimates)
 
     @classmethod
     def blocks(cls, names: Sequence[str], n_images: int, **target: Any) -> "Conditions":
@@ -118,15 +124,31 @@ class Conditions:
         acc = self._per_condition(right)
         final = self._per_condition(correct[:, -1].astype(np.float64))
         cost = self._per_condition(np.asarray(fractions, dtype=np.float64)[ex])
-        return {"accuracy": acc, "mean_cost": cost, "final": final, "drop": 100.0 * (final - acc)}
+        out = {"accuracy": acc, "mean_cost": cost, "final": final, "drop": 100.0 * (final - acc)}
+        if self.z is not None:
+            out.update(self._bounds(right, correct[:, -1].astype(np.float64)))
+        return out
+
+    def _bounds(self, taken: np.ndarray, final: np.ndarray) -> Dict[str, np.ndarray]:
+        """Upper confidence bounds (points) of each condition's drop, and of the mean drop over the degraded ones
+        (paired per image: the pool is ``len(names)`` blocks of the same ``n_images`` images)."""
+        k = len(self.names)
+        if len(taken) != k * self.n_images or not np.array_equal(self.ids, np.repeat(np.arange(k), self.n_images)):
+            raise ValueError("confidence bounds need the pool as Conditions.blocks lays it out")
+        taken, final = taken.reshape(k, self.n_images), final.reshape(k, self.n_images)
+        bound = 100.0 * np.atleast_1d(loss_upper_bound(taken, final, self.z))
+        mean_bound = (100.0 * loss_upper_bound(taken[1:].mean(axis=0), final[1:].mean(axis=0), self.z) if k > 1
+                      else float(bound[0]))
+        return {"drop_bound": bound, "mean_drop_bound": np.array(mean_bound)}
 
     def meets(self, ev: Dict[str, np.ndarray]) -> bool:
         tol = 1e-9
-        drop = ev["drop"]
+        drop = ev["drop_bound"] if self.z is not None else ev["drop"]
         if self.mode == "worst" or len(drop) == 1:
             return bool(np.all(drop <= self.max_drop + tol))
         degraded = drop[1:]
-        return bool(drop[0] <= self.max_drop + tol and degraded.mean() <= self.max_drop + tol
+        mean = float(ev["mean_drop_bound"]) if self.z is not None else degraded.mean()
+        return bool(drop[0] <= self.max_drop + tol and mean <= self.max_drop + tol
                     and degraded.max() <= self.worst_drop + tol)
 
     def choose(self, path: Sequence[PathPoint], scores: np.ndarray, correct: np.ndarray,
@@ -158,6 +180,7 @@ class Conditions:
     def target(self) -> Dict[str, Any]:
         return {"mode": self.mode, "max_drop": float(self.max_drop),
                 "worst_drop": None if self.mode == "worst" else float(self.worst_drop),
+                "z": None if self.z is None else float(self.z),
                 "conditions": list(self.names), "images_per_condition": int(self.n_images)}
 
     def summary(self, ev: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -170,6 +193,8 @@ class Conditions:
             "mean_drop": float(degraded.mean()), "worst_drop": float(drop[worst]),
             "worst_condition": self.names[worst],
             "mean_cost_degraded": float(ev["mean_cost"][1:].mean()) if len(drop) > 1 else float(ev["mean_cost"][0]),
+            **({"worst_drop_bound": float(np.max(ev["drop_bound"][1:] if len(drop) > 1 else ev["drop_bound"])),
+                "mean_drop_bound": float(ev["mean_drop_bound"])} if "drop_bound" in ev else {}),
             "per_condition": {name: {"accuracy": float(ev["accuracy"][k]), "final": float(ev["final"][k]),
                                      "drop": float(drop[k]), "mean_cost": float(ev["mean_cost"][k])}
                               for k, name in enumerate(self.names)},

@@ -220,18 +220,20 @@ def choose(
     return max(ok, key=lambda p: (p.accuracy, -p.mean_cost))
 
 
-def loss_upper_bound(taken_correct: np.ndarray, final_correct: np.ndarray, z: float) -> float:
-    """One-sided upper confidence bound of an operating point's accuracy loss (a fraction), from n paired images.
+def loss_upper_bound(taken_correct: np.ndarray, final_correct: np.ndarray, z: float):
+    """One-sided upper confidence bound of an operating point's accuracy loss (a fraction), from n paired images
+    along the last axis (a float for 1-D inputs; one bound per row for (k, n) inputs).
 
     ``d_j = final_j - taken_j`` (1: the final exit is right and the taken exit wrong; -1: the reverse);
     ``bound = mean(d) + z * sqrt((mean(d^2) - mean(d)^2) / n)`` (normal approximation of the paired mean; ``z`` =
     the standard normal quantile of the confidence level, 1.645 at 95%).
     """
     d = np.asarray(final_correct, dtype=np.float64) - np.asarray(taken_correct, dtype=np.float64)
-    n = d.shape[0]
-    mean = float(d.mean())
-    var = max(float(np.mean(d * d)) - mean * mean, 0.0)
-    return mean + float(z) * math.sqrt(var / n)
+    n = d.shape[-1]
+    mean = d.mean(axis=-1)
+    var = np.maximum(np.mean(d * d, axis=-1) - mean * mean, 0.0)
+    bound = mean + float(z) * np.sqrt(var / n)
+    return float(bound) if np.ndim(bound) == 0 else bound
 
 
 def choose_confident(path: Sequence[PathPoint], scores: np.ndarray, correct: np.ndarray,

@@ -81,6 +81,30 @@ def test_mean_mode_allows_a_worse_condition_up_to_the_worst_bound(pooled):
     assert ga["mean_cost"] <= gb["mean_cost"] + 1e-12
 
 
+def test_confidence_holds_every_condition_on_its_paired_bound(pooled):
+    """``--degrade --confidence``: the clean, mean and worst targets hold for the upper confidence bounds of the
+    drops (paired per image), which costs more than holding them for the estimates."""
+    from edgeexit.calibrate import confidence_z
+    from edgeexit.thresholds import loss_upper_bound
+
+    clean, fog, pool, n = pooled
+    cond = Conditions.blocks(["clean", "fog-3"], n, mode="mean", max_drop=1.0, worst_drop=2.5)
+    est = calibrate_outputs(pool, costs(), max_drop=1.0, gate_names=["max_prob"], conditions=cond).calibration
+    held = calibrate_outputs(pool, costs(), max_drop=1.0, gate_names=["max_prob"], conditions=cond,
+                             confidence_level=0.95).calibration
+    g, r, z = held["gates"]["max_prob"], held["gates"]["max_prob"]["robust"], confidence_z(0.95)
+    assert held["target"]["robust"]["z"] == pytest.approx(1.6449, abs=1e-4) and g["meets_target"]
+    assert r["worst_drop_bound"] <= 2.5 + 1e-9 and r["mean_drop_bound"] <= 1.0 + 1e-9
+    assert r["worst_drop_bound"] > r["worst_drop"]
+    assert g["mean_cost"] > est["gates"]["max_prob"]["mean_cost"]
+    pol = ExitPolicy.from_dict(g["policy"])
+    taken = [out.correct[np.arange(n), pol.decide(out.signals(pol.temperatures, pol.exits), out.classes)]
+             for out in (clean, fog)]
+    assert r["worst_drop_bound"] == pytest.approx(100 * loss_upper_bound(taken[1], fog.correct[:, -1], z))
+    rows = loss_upper_bound(np.stack(taken), np.stack([clean.correct[:, -1], fog.correct[:, -1]]), z)
+    assert rows[1] == pytest.approx(loss_upper_bound(taken[1], fog.correct[:, -1], z))
+
+
 def test_learned_gate_folds_are_grouped_by_image(pooled):
     _, _, pool, n = pooled
     cond = Conditions.blocks(["clean", "fog-3"], n)
@@ -112,15 +136,18 @@ def test_cli_degrade_writes_robust_statistics_and_drift(tiny_ckpt, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cal.pt"
     result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--out", str(out), "--quiet", "--gates", "max_prob,conf_coh",
-                                 "--degrade", "noise,fog", "--severities", "1,5", "--stage-overhead", "0"])
+                                 "--degrade", "noise,fog", "--severities", "1,5", "--stage-overhead", "0",
+                                 "--confidence", "0.9"])
     assert result.exit_code == 0, result.output
     assert "4 condition(s)" in result.stderr and "worst loss" in result.stdout
     cal = load_checkpoint(out)["calibration"]
     assert cal["target"]["robust"]["conditions"] == ["clean", "noise-1", "noise-5", "fog-1", "fog-5"]
+    assert cal["target"]["robust"]["z"] == pytest.approx(1.2816, abs=1e-4)
     for g in cal["gates"].values():
         r = g["robust"]
         assert set(r["per_condition"]) == set(cal["target"]["robust"]["conditions"])
         assert r["worst_drop"] == max(v["drop"] for k, v in r["per_condition"].items() if k != "clean")
+        assert r["worst_drop_bound"] >= r["worst_drop"] - 1e-9  # --confidence: targets held on the bounds
         assert g["drift"]["bound"] >= 4.0 and g["drift"]["window"] == 32
     assert "--budget" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
                                                             "--budget", "0.5"]))
