@@ -137,6 +137,9 @@ def main() -> None:
     ap.add_argument("--n-cal", type=int, default=2500, help="held-out training images per condition")
     ap.add_argument("--cal-severities", default="1,3,5")
     ap.add_argument("--max-kept", type=int, default=3)
+    ap.add_argument("--confidence", type=float, default=None,
+                    help="hold every calibration target (clean-only and robust) on its one-sided upper bound at this "
+                         "level, as calibrate --confidence does [default: the estimates]")
     ap.add_argument("--stream-length", type=int, default=300)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--gray48", action="store_true", help="build and use the grayscale 48 px data set and model")
@@ -170,7 +173,8 @@ def main() -> None:
     every_kind = [k for kinds in groups.values() for k in kinds]
 
     log("clean-only calibration (baseline)")
-    base = calibrate_outputs(cal.get(None), costs, max_drop=1.0, gate_names=GATES, max_kept=args.max_kept).calibration
+    base = calibrate_outputs(cal.get(None), costs, max_drop=1.0, gate_names=GATES, max_kept=args.max_kept,
+                             confidence_level=args.confidence).calibration
     results: Dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
                                "groups": groups, "gates": GATES, "folds": {}}
     base_eval = {g: evaluate_policy(base["gates"][g]["policy"], test, every_kind, costs) for g in GATES}
@@ -187,7 +191,7 @@ def main() -> None:
         cond = Conditions.blocks(names, len(cal_images.images), mode="mean", max_drop=1.0, worst_drop=2.5)
         t0 = time.time()
         res = calibrate_outputs(pool_outputs(parts), costs, max_drop=1.0, gate_names=GATES, max_kept=args.max_kept,
-                                conditions=cond).calibration
+                                conditions=cond, confidence_level=args.confidence).calibration
         log(f"  pooled search on {len(cond.ids)} samples: {time.time() - t0:.0f} s; winner {res['winner']}")
         fold = {"seen": seen, "unseen": unseen, "winner": res["winner"], "gates": {}}
         for g in GATES + ["winner"]:

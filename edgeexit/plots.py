@@ -20,10 +20,11 @@ _FAMILY_COLOURS = {
     "softmax": ("#1f77b4", "#4a9bd6", "#0b3d66"),
     "saliency": ("#d62728", "#ff7f0e"),
     "coherence": ("#2ca02c", "#17becf"),
+    "combined": ("#8c564b", "#e377c2"),
     "agreement": ("#9467bd",),
     "learned": ("#000000",),
 }
-_FAMILY_STYLE = {"softmax": "-", "saliency": "--", "coherence": "-.", "agreement": ":", "learned": "-"}
+_FAMILY_STYLE = {"softmax": "-", "saliency": "--", "coherence": "-.", "combined": "-", "agreement": ":", "learned": "-"}
 
 
 def _param_text(p) -> str:
