@@ -39,7 +39,7 @@ def main() -> None:
     fractions = [c / ckpt["costs"]["reference_macs"] for c in ckpt["costs"]["cumulative_macs"]]
     md = [f"# Training record: {args.name}\n",
           f"{cfg['arch']} width {cfg['width']}, {len(history)} epochs, batch {cfg['batch_size']}, lr {cfg['lr']}, "
-          f"distill {cfg['distill']}, schedule {cfg['schedule']}, augmentation {cfg.get('augment', 'auto')}"
+          f"distill {cfg['distill']}, schedule {cfg['schedule']}, augmentation {ckpt.get('augment') or cfg.get('augment', 'auto')}"
           f"{' + AugMix' if cfg.get('augmix') else ''}"
           f"{', from ' + cfg['init_weights'] if cfg.get('init_weights') else ''}; {sum(seconds) / 60:.0f} min of epochs "
           f"(per epoch {min(seconds):.0f}-{max(seconds):.0f} s; {args.where}).\n",

@@ -238,7 +238,8 @@ def calibrate(
                                                "target holds on new images at that rate. Points are tested from "
                                                "full depth towards cheaper ones and the search stops at the first "
                                                "that fails (fixed-sequence testing). With --degrade, every condition's loss (and the mean over the "
-                                               "corrupted copies) is held on its bound. [default: the estimate]"),
+                                               "corrupted copies) is held on its bound, with the same walk. "
+                                               "[default: the estimate]"),
 ) -> None:
     """Fit temperatures, orient every exit gate and choose, per gate, the internal exits to keep and their
     thresholds on the calibration split; write the winning policy (and every gate's) into the checkpoint."""

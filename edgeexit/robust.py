@@ -13,7 +13,9 @@ accuracy, but the cheapest whose per-condition drops satisfy the robust target (
 With a confidence level (``calibrate --degrade --confidence L``, ``Conditions.z`` = the standard normal quantile of
 L), each drop above is replaced by its one-sided upper confidence bound (``thresholds.loss_upper_bound`` per
 condition; the mean over degraded conditions is bounded over per-image averages, since every condition holds the same
-images), so each condition's target holds on new images, not only on these.
+images), so each condition's target holds on new images, not only on these. With bounds the path is not
+binary-searched but walked from full depth, stopping at the first point that fails (fixed-sequence testing, as the
+clean ``--confidence`` does in ``thresholds.choose_confident``), so no failing point is stepped over.
 
 A condition's drop is ``100 * (acc_final(c) - acc_policy(c))``: points below full depth *on that condition*, so a
 corruption that hurts the whole network is not charged to the gate. The point is found by a binary search over the
@@ -163,15 +165,22 @@ class Conditions:
                 cache[j] = self.evaluate(scores, correct, fractions, path[j].thresholds)
             return cache[j]
 
-        lo, hi = 0, len(path) - 1  # invariant: lo meets (or is the start), answer in [lo, hi]
-        if self.meets(ev(hi)):
-            lo = hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.meets(ev(mid)):
-                lo = mid
-            else:
-                hi = mid
+        if self.z is not None:  # bounds: fixed-sequence testing from full depth, stop at the first failure
+            lo = 0
+            for j in range(1, len(path)):
+                if not self.meets(ev(j)):
+                    break
+                lo = j
+        else:
+            lo, hi = 0, len(path) - 1  # invariant: lo meets (or is the start), answer in [lo, hi]
+            if self.meets(ev(hi)):
+                lo = hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if self.meets(ev(mid)):
+                    lo = mid
+                else:
+                    hi = mid
         e = ev(lo)
         clean = PathPoint(list(path[lo].thresholds), float(e["accuracy"][0]), float(e["mean_cost"][0]),
                           float(e["mean_cost"][0]))

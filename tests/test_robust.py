@@ -156,3 +156,19 @@ def test_cli_degrade_writes_robust_statistics_and_drift(tiny_ckpt, tmp_path):
                                                               "--severities", "7"]))
     assert "--robust" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
                                                             "--robust", "median"]))
+
+
+def test_bounds_walk_from_full_depth_and_stop_at_the_first_failure(monkeypatch):
+    """With --confidence the path is tested in a fixed order (full depth first) and the walk never steps over a
+    point that fails, even when cheaper points pass again; the estimates' binary search may."""
+    from edgeexit.thresholds import PathPoint
+
+    verdict = [True, True, False, True, True]  # path index -> meets
+    path = [PathPoint([float(i)], 1.0, 1.0, 1.0) for i in range(len(verdict))]
+    monkeypatch.setattr(Conditions, "evaluate", lambda self, s, c, f, t: {
+        "index": int(t[0]), "accuracy": np.ones(2), "mean_cost": np.ones(2)})
+    monkeypatch.setattr(Conditions, "meets", lambda self, ev: verdict[ev["index"]])
+    held = Conditions.blocks(["clean", "fog-3"], 2, z=1.645)
+    assert held.choose(path, None, None, None)[2]["index"] == 1
+    estimate = Conditions.blocks(["clean", "fog-3"], 2)
+    assert estimate.choose(path, None, None, None)[2]["index"] == 4
