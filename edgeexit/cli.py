@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import EdgeexitError
+from .errors import EdgeexitError, one_line
 from .imageio import DEFAULT_MAX_PIXELS
 from .gates import GATE_NAMES
 
@@ -531,14 +531,11 @@ def _print_exit_table(ckpt: dict) -> None:
     Console().print(table)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
     """Every Python warning (Pillow, numpy, edgeexit's own) as one ``edgeexit: warning:`` line."""
     try:
-        print(f"edgeexit: warning: {_one_line(str(message))}", file=sys.stderr if file is None else file, flush=True)
+        print(f"edgeexit: warning: {one_line(str(message))}", file=sys.stderr if file is None else file, flush=True)
     except (OSError, ValueError):
         pass
 
@@ -575,10 +572,10 @@ def main() -> None:
     except _click_exceptions("UsageError") as exc:
         ctx = getattr(exc, "ctx", None)
         where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
-        typer.echo(f"edgeexit: error: {_one_line(exc.format_message())}{where}", err=True)
+        typer.echo(f"edgeexit: error: {one_line(exc.format_message())}{where}", err=True)
         sys.exit(2)
     except _click_exceptions("ClickException") as exc:
-        typer.echo(f"edgeexit: error: {_one_line(exc.format_message())}", err=True)
+        typer.echo(f"edgeexit: error: {one_line(exc.format_message())}", err=True)
         sys.exit(2)
     except _click_exceptions("Abort"):
         typer.echo("edgeexit: error: interrupted", err=True)

@@ -8,13 +8,20 @@ Every error the user can cause (a bad bundle, checkpoint, option, image, camera,
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = ["EdgeexitError", "one_line"]
 
 
-def one_line(text: object, limit: int = 500) -> str:
-    """``text`` with every run of whitespace (newlines included) collapsed to one space, at most ``limit`` chars."""
+def one_line(text: object, limit: Optional[int] = 500) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space; above ``limit`` chars (None:
+    no limit) the middle is cut, ``head ... tail``: a message names the file first and ends with the cause (a
+    log's last line), and both matter."""
     flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+    if limit is None or len(flat) <= limit:
+        return flat
+    keep = max(limit - 5, 2)
+    return f"{flat[: keep - keep // 2]} ... {flat[len(flat) - keep // 2:]}"
 
 
 class EdgeexitError(Exception):

@@ -130,3 +130,6 @@ def test_every_error_edgeexit_raises_shares_the_one_base():
         except TypeError:  # a class with its own constructor
             continue
         assert str(error) == "first line second line"
+    # a long message keeps both ends: the file it names and the cause at its end (a log's last line)
+    long = str(EdgeexitError("bundle/x.onnx: " + "noise " * 300 + "the real cause"))
+    assert len(long) <= 500 and long.startswith("bundle/x.onnx:") and long.endswith("the real cause")

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..errors import one_line
 from ..gates import SIGNAL_NAMES, gate_score, gate_spec, next_patience
 from ..policy import ExitPolicy
 from ..preprocess import Preprocess
@@ -99,9 +100,6 @@ def parse_thresholds(text: Union[None, str, float, Sequence[float]]) -> Union[No
         raise ValueError("--threshold must not be nan")
     return values[0] if len(values) == 1 and "," not in text else values
 
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())[:300]
 
 
 def runner_policy(pipeline_policy: ExitPolicy, threshold: Union[None, float, str, Sequence[float]] = None,
@@ -312,7 +310,7 @@ class StageRunner:
             try:
                 logits = self._mono.run({"input": x}, ["logits"])["logits"]
             except Exception as exc:  # noqa: BLE001
-                reason = _one_line(f"{self.bundle.monolithic.file}: {type(exc).__name__}: {exc}")
+                reason = one_line(f"{self.bundle.monolithic.file}: {type(exc).__name__}: {exc}")
                 return [Decision(-1, "", float("nan"), self.num_exits - 1, failed=reason, macs=self.reference_macs)
                         for _ in range(n)]
             share = (time.perf_counter() - t0) * 1e3 / n
@@ -338,7 +336,7 @@ class StageRunner:
             except Exception as exc:  # noqa: BLE001
                 spent[alive] += (time.perf_counter() - t0) / alive.size
                 for pos in alive:
-                    results[pos] = Decision(-1, "", float("nan"), self.exits[j], failed=_one_line(
+                    results[pos] = Decision(-1, "", float("nan"), self.exits[j], failed=one_line(
                         f"{f.file}: {type(exc).__name__}: {exc}"), macs=self.exit_macs[j])
                 break
             cls = out["class"].astype(np.int64).reshape(-1)
@@ -405,7 +403,7 @@ class StageRunner:
     def _failed(self, j: int, reason: str, t0: float) -> Decision:
         k = self.exits[j] if not self.full else self.num_exits - 1
         return Decision(-1, "", float("nan"), k, None, (time.perf_counter() - t0) * 1e3,
-                        self.reference_macs if self.full else self.exit_macs[j], _one_line(reason))
+                        self.reference_macs if self.full else self.exit_macs[j], one_line(reason))
 
     def _label(self, cls: int) -> str:
         return self.classes[cls] if 0 <= cls < len(self.classes) else str(cls)
@@ -480,7 +478,7 @@ def run_source(
             x = runner.preprocess(frame.image)
         except Exception as exc:  # noqa: BLE001 (a frame the preprocessing rejects is skipped, not fatal)
             if on_skip is not None:
-                on_skip(frame, _one_line(f"cannot preprocess {frame.name}: {type(exc).__name__}: {exc}"))
+                on_skip(frame, one_line(f"cannot preprocess {frame.name}: {type(exc).__name__}: {exc}"))
             continue
         pending_frames.append(frame)
         pending_x.append(x)

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..imageio import IMAGE_EXTENSIONS, is_image_file, load_image
-from ..errors import EdgeexitError
+from ..errors import EdgeexitError, one_line
 
 __all__ = [
     "Frame",
@@ -275,9 +275,6 @@ def _redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
 
 def _to_rgb(image: Any) -> np.ndarray:
     """An OpenCV frame (BGR, BGRA or grayscale; uint8 or uint16) as contiguous uint8 HxWx3 RGB."""
@@ -406,7 +403,7 @@ class Source:
             elif self._error is not None:
                 error, self._error = self._error, None
                 raise SourceError(
-                    _one_line(f"{self.kind} {self.display}: capture failed: {type(error).__name__}: {error}")
+                    one_line(f"{self.kind} {self.display}: capture failed: {type(error).__name__}: {error}")
                 ) from error
             else:
                 raise StopIteration
@@ -481,7 +478,7 @@ class Source:
                 error = error or exc
             if self.ended_reason is None:
                 if error is not None:
-                    self.ended_reason = _one_line(f"capture failed: {type(error).__name__}: {error}")
+                    self.ended_reason = one_line(f"capture failed: {type(error).__name__}: {error}")
                 elif self._stop.is_set():
                     self.ended_reason = "closed"
                 else:
@@ -541,7 +538,7 @@ class ImageFilesSource(Source):
                     image, error = load_image(path, channels=3), None
                     good += 1
                 except Exception as exc:  # noqa: BLE001 (ImageError and anything else PIL raises)
-                    image, error = None, _one_line(str(exc) if str(path) in str(exc) else f"cannot read image {path}: {exc}")
+                    image, error = None, one_line(str(exc) if str(path) in str(exc) else f"cannot read image {path}: {exc}")
                 yield Frame(index, image, self._name(path), None, label, error)
                 index += 1
             if not self.loop:
