@@ -105,6 +105,8 @@ class Conditions:
             raise ValueError("the first condition must be the clean split")
         self.ids = np.asarray(self.ids, dtype=np.int64)
         self._counts = np.bincount(self.ids, minlength=len(self.names)).astype(np.float64)
+        # paired bounds need the pool as blocks() lays it out: the same n_images images under every condition
+        self._blocked = bool(np.array_equal(self.ids, np.repeat(np.arange(len(self.names)), self.n_images)))
 
     @property
     def clean(self) -> np.ndarray:
@@ -135,7 +137,7 @@ class Conditions:
         """Upper confidence bounds (points) of each condition's drop, and of the mean drop over the degraded ones
         (paired per image: the pool is ``len(names)`` blocks of the same ``n_images`` images)."""
         k = len(self.names)
-        if len(taken) != k * self.n_images or not np.array_equal(self.ids, np.repeat(np.arange(k), self.n_images)):
+        if not self._blocked or len(taken) != k * self.n_images:
             raise ValueError("confidence bounds need the pool as Conditions.blocks lays it out")
         taken, final = taken.reshape(k, self.n_images), final.reshape(k, self.n_images)
         bound = 100.0 * np.atleast_1d(loss_upper_bound(taken, final, self.z))

@@ -101,7 +101,6 @@ def parse_thresholds(text: Union[None, str, float, Sequence[float]]) -> Union[No
     return values[0] if len(values) == 1 and "," not in text else values
 
 
-
 def runner_policy(pipeline_policy: ExitPolicy, threshold: Union[None, float, str, Sequence[float]] = None,
                   max_exit: Optional[int] = None) -> ExitPolicy:
     """The pipeline's calibrated policy with ``--threshold`` / ``--max-exit`` applied. The signs stay the

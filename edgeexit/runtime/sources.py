@@ -275,7 +275,6 @@ def _redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
-
 def _to_rgb(image: Any) -> np.ndarray:
     """An OpenCV frame (BGR, BGRA or grayscale; uint8 or uint16) as contiguous uint8 HxWx3 RGB."""
     image = np.asarray(image)
@@ -402,9 +401,8 @@ class Source:
                 self._cond.notify_all()
             elif self._error is not None:
                 error, self._error = self._error, None
-                raise SourceError(
-                    one_line(f"{self.kind} {self.display}: capture failed: {type(error).__name__}: {error}")
-                ) from error
+                raise SourceError(f"{self.kind} {self.display}: capture failed: {type(error).__name__}: {error}") \
+                    from error
             else:
                 raise StopIteration
         self._yielded += 1
