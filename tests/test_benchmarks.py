@@ -45,3 +45,22 @@ def test_canvas_boxes_hold_the_object(tmp_path, tiny_folder):
         assert image.shape == (64, 64, 3)
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
         assert 0.4 * 64 - 1 <= x1 - x0 <= 0.6 * 64 + 1 and x1 - x0 == y1 - y0
+
+
+def test_geometric_ensemble_of_exits():
+    """gate_ceiling's Zero-Time-Waste ensemble: exit i answers with the weighted mean of the log-softmax of exits
+    0..i (weights decay ** (i - j)); decay 0 leaves every exit's own prediction, the first exit is never changed."""
+    from gate_ceiling import geometric_ensemble
+
+    from edgeexit.collect import ExitOutputs
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 3, 4)).astype(np.float32)
+    outputs = ExitOutputs(logits, [np.zeros((5, 2, 2), np.float32)] * 3, np.zeros(5, np.int64))
+    logp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    equal = geometric_ensemble(outputs, 1.0).logits
+    np.testing.assert_allclose(equal[:, 0], logp[:, 0], atol=1e-5)
+    np.testing.assert_allclose(equal[:, 2], logp.mean(axis=1), atol=1e-5)
+    half = geometric_ensemble(outputs, 0.5).logits
+    np.testing.assert_allclose(half[:, 1], (0.5 * logp[:, 0] + logp[:, 1]) / 1.5, atol=1e-5)
+    np.testing.assert_array_equal(geometric_ensemble(outputs, 0.0).classes, outputs.classes)
