@@ -27,7 +27,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -90,8 +90,12 @@ def logistic(held, test, costs, temps, with_class: bool, max_drop: float, budget
 
     e = held.num_exits
     params = [G.fit_logistic(softmax_features(held, temps, i, with_class), held.correct[:, i]) for i in range(e - 1)]
-    score_h = np.stack([G.logistic_score(softmax_features(held, temps, i, with_class), params[i]) for i in range(e - 1)], 1)
-    score_t = np.stack([G.logistic_score(softmax_features(test, temps, i, with_class), params[i]) for i in range(e - 1)], 1)
+
+    def scores(outputs) -> np.ndarray:
+        return np.stack([G.logistic_score(softmax_features(outputs, temps, i, with_class), params[i])
+                         for i in range(e - 1)], axis=1)
+
+    score_h, score_t = scores(held), scores(test)
     target = held.correct[:, -1].mean() - max_drop / 100.0
     price = costs.for_gate("margin")
     best: Dict[str, tuple] = {}
@@ -152,8 +156,8 @@ def main() -> None:
 
     variants: List[tuple] = [("shipped softmax gates", calibrated(held, test, costs, **common))]
     for decay in (1.0, 0.5, 0.3):
-        make: Callable = lambda o, d=decay: geometric_ensemble(o, d)  # noqa: E731
-        variants.append((f"ensemble, decay {decay:g}", calibrated(make(held), make(test), costs, **common)))
+        mixed_held, mixed_test = geometric_ensemble(held, decay), geometric_ensemble(test, decay)
+        variants.append((f"ensemble, decay {decay:g}", calibrated(mixed_held, mixed_test, costs, **common)))
     variants.append(("logistic, softmax signals", {"logistic": logistic(held, test, costs, temps, False, **common)}))
     variants.append(("logistic + predicted class", {"logistic": logistic(held, test, costs, temps, True, **common)}))
 
