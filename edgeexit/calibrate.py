@@ -592,18 +592,54 @@ def _gate_stats(cols: ScoreColumns, gate: str, trials: List[_Trial], best: _Tria
     return stats, scores
 
 
-def drift_block(outputs, policy: ExitPolicy, seed: int = 0) -> Dict[str, Any]:
+def drift_block(outputs, policy: ExitPolicy, seed: int = 0,
+                conservative: Optional[ExitPolicy] = None) -> Dict[str, Any]:
     """The run-time drift guard's reference for ``policy`` (``runtime.drift``): mean / std of the confidence of
-    the exit each clean calibration image takes, the same for full depth (the conservative policy), and the
+    the exit each clean calibration image takes, the same for the conservative policy (``conservative``: the
+    same stages with stricter thresholds, stored as ``conservative_thresholds``; None: full depth), and the
     bound calibrated on clean windows of the default size."""
     from .runtime.drift import DEFAULT_WINDOW, DriftReference, calibrate_bound, reference_stats
 
-    sig = outputs.signals(policy.temperatures, policy.exits)
-    ex = policy.decide(sig, outputs.classes)
-    conf = sig[np.arange(len(outputs)), ex, G.SIGNAL_NAMES.index("max_prob")]
-    final = sig[:, -1, G.SIGNAL_NAMES.index("max_prob")]
-    (mu, sd), (mu_c, sd_c) = reference_stats(conf), reference_stats(final)
-    return DriftReference(mu, sd, mu_c, sd_c, calibrate_bound(conf, DEFAULT_WINDOW, seed=seed)).to_dict()
+    sig = outputs.signals(policy.temperatures, policy.exits)  # the conservative policy shares exits and temperatures
+
+    def taken_confidence(p: Optional[ExitPolicy]) -> np.ndarray:
+        ex = np.full(len(outputs), outputs.num_exits - 1) if p is None else p.decide(sig, outputs.classes)
+        return sig[np.arange(len(outputs)), ex, G.SIGNAL_NAMES.index("max_prob")]
+
+    conf = taken_confidence(policy)
+    (mu, sd), (mu_c, sd_c) = reference_stats(conf), reference_stats(taken_confidence(conservative))
+    strict = None if conservative is None else tuple(conservative.thresholds[k] for k in conservative.kept_internal)
+    return DriftReference(mu, sd, mu_c, sd_c, calibrate_bound(conf, DEFAULT_WINDOW, seed=seed),
+                          conservative_thresholds=strict).to_dict()
+
+
+def fit_guard_thresholds(calibration: Dict[str, Any], pooled, costs: CostModel, conditions, *,
+                         max_drop: float, confidence_level: Optional[float] = None, seed: int = 0,
+                         gate_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``calibrate --degrade KINDS --degraded-as guard``: the clean calibration stays the policy, and the degraded
+    copies fit the drift guard's conservative policy instead of the default one. Per gate (``gate_names``: all
+    calibrated but the learned gate, whose weights would be refitted), thresholds on the *same* kept exits,
+    temperatures and orientation that meet the robust target (``conditions``) on ``pooled`` (clean + degraded
+    copies); they become the gate's drift block's ``conservative_thresholds``, so a drifting stream keeps the
+    early exits but leaves them only when the degraded-calibrated thresholds allow. A gate without such a point
+    keeps full depth as its conservative policy. Updates ``calibration["gates"][g]["drift"]`` in place and returns,
+    per gate, the robust figures of the conservative thresholds (``guard``)."""
+    clean_outputs = pooled.subset(np.flatnonzero(conditions.clean))
+    out: Dict[str, Any] = {}
+    for gate in gate_names or [g for g in calibration["gates"] if g != "learned"]:
+        entry = calibration["gates"][gate]
+        policy = ExitPolicy.from_dict(entry["policy"])
+        res = calibrate_outputs(pooled, costs, max_drop=max_drop, gate_names=[gate], exits=policy.kept_internal,
+                                temperatures=policy.temperatures, conditions=conditions,
+                                confidence_level=confidence_level, seed=seed).calibration["gates"][gate]
+        strict = ExitPolicy.from_dict(res["policy"])
+        same_scale = all(strict.signs[k] == policy.signs[k] for k in policy.kept_internal)
+        conservative = replace(policy, thresholds=strict.thresholds) if res["meets_target"] and same_scale else None
+        entry["drift"] = drift_block(clean_outputs, policy, seed=seed, conservative=conservative)
+        out[gate] = {"conservative": "thresholds" if conservative is not None else "full depth",
+                     "thresholds": None if conservative is None else entry["drift"]["conservative_thresholds"],
+                     "robust": res.get("robust"), "mean_cost": res["mean_cost"]}
+    return out
 
 
 def _subsets(num_exits: int, exits: Optional[Sequence[int]], max_kept: Optional[int]) -> List[Chain]:
@@ -720,6 +756,9 @@ def calibrate_outputs(
     return CalibrationResult(calibration, stats[winner]["policy"], oriented_all)
 
 
+DEGRADED_AS = ("policy", "guard")  # what calibrate --degrade fits: the policy itself, or the drift guard's
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the command
 # ----------------------------------------------------------------------------------------------------------------
@@ -747,6 +786,7 @@ def calibrate(
     robust: str = "mean",
     worst_drop: float = 2.5,
     confidence_level: Optional[float] = None,
+    degraded_as: str = "policy",
 ) -> Dict[str, Any]:
     """Calibrate a checkpoint's exit gates on its calibration split and write ``policy`` and ``calibration``
     into it (atomically; ``out`` writes a new checkpoint instead). Returns the calibration dict.
@@ -754,8 +794,9 @@ def calibrate(
     ``stage_overhead``: MACs per engine call when costs are MACs (default ``DEFAULT_STAGE_OVERHEAD``); ``exits``:
     force the kept internal exits ("2,4", "none" or a list) instead of searching every subset; ``max_kept``: try
     only subsets of at most that many internal exits. ``degrade``: corruption kinds ("noise,blur" or a list) to
-    calibrate for degraded inputs too, at ``severities``, with the ``robust`` target (``edgeexit.robust``).
-    ``confidence_level``: hold the accuracy target at this one-sided confidence (``calibrate_outputs``)."""
+    calibrate for degraded inputs too, at ``severities``, with the ``robust`` target (``edgeexit.robust``):
+    ``degraded_as="policy"`` makes that the policy; ``"guard"`` keeps the clean policy and fits the drift guard's
+    conservative thresholds on the degraded copies instead (``fit_guard_thresholds``). ``confidence_level``: hold the accuracy target at this one-sided confidence (``calibrate_outputs``)."""
     from . import robust as R
     from .checkpoint import load_model, save_checkpoint
     from .corrupt import parse_kinds
@@ -779,29 +820,40 @@ def calibrate(
         raise ValueError("--degrade needs an accuracy target (--max-drop), not --budget")
     if kinds and robust not in R.ROBUST_MODES:
         raise ValueError(f"--robust must be one of {', '.join(R.ROBUST_MODES)}, got {robust!r}")
+    if degraded_as not in DEGRADED_AS:
+        raise ValueError(f"--degraded-as must be one of {', '.join(DEGRADED_AS)}, got {degraded_as!r}")
+    if degraded_as != "policy" and not kinds:
+        raise ValueError("--degraded-as guard needs --degrade KINDS (the copies the guard's thresholds are fitted on)")
     images = calibration_images(ckpt, data, progress=progress)
     root = data if data is not None else (ckpt.get("split") or {}).get("data")
     log(f"calibration split: {len(images)} held-out images of {root}"
         + (f" ({images.skipped} unreadable skipped)" if images.skipped else ""))
     preprocess = Preprocess.from_dict(ckpt["preprocess"])
     dev = _device(device)
-    outputs = collect(model, images.images, images.labels, preprocess, batch_size, dev, progress,
-                      description="calibration split")
+    outputs = clean = collect(model, images.images, images.labels, preprocess, batch_size, dev, progress,
+                              description="calibration split")
     conditions = None
     if kinds:  # each condition collected once, then one pooled search (edgeexit.robust)
         names, parts = R.degraded_outputs(model, images.images, images.labels, preprocess, kinds, sev, batch_size,
-                                          dev, progress, seed=seed, clean=outputs)
+                                          dev, progress, seed=seed, clean=clean)
         outputs = R.pool_outputs(parts)
         conditions = R.Conditions.blocks(names, len(images), mode=robust,
                                          max_drop=1.0 if max_drop is None else float(max_drop),
                                          worst_drop=float(worst_drop))
         log(f"degraded copies: {len(names) - 1} condition(s) ({', '.join(kinds)} at severities "
             f"{','.join(map(str, sev))}), {len(outputs)} samples pooled")
-    result = calibrate_outputs(outputs, costs, max_drop=max_drop, budget=budget, gate_names=gate_names,
-                               folds=folds, seed=seed, exits=forced, max_kept=max_kept, conditions=conditions,
-                               confidence_level=confidence_level)
+    for_policy = conditions if degraded_as == "policy" else None
+    result = calibrate_outputs(clean if for_policy is None else outputs, costs, max_drop=max_drop, budget=budget,
+                               gate_names=gate_names, folds=folds, seed=seed, exits=forced, max_kept=max_kept,
+                               conditions=for_policy, confidence_level=confidence_level)
     search = result.calibration["subset_search"]
     log(f"searched {search['subsets']} exit subset(s) x {len(gate_names)} gate(s) in {search['seconds']:.1f} s")
+    if conditions is not None and for_policy is None:  # the degraded copies fit the drift guard's thresholds
+        guard = fit_guard_thresholds(result.calibration, outputs, costs, conditions, max_drop=conditions.max_drop,
+                                     confidence_level=confidence_level, seed=seed,
+                                     gate_names=[g for g in gate_names if g != "learned"])
+        result.calibration["guard"] = {"target": conditions.target(), "gates": guard}
+        log(guard_text(result.calibration["winner"], guard))
     small = confidence.split_warning(result.calibration["confidence"], result.calibration["target"]["max_drop"])
     if small and confidence_level is None:  # with a confidence level the bound already pays for a small split
         log(f"edgeexit: warning: {small}")
@@ -818,6 +870,20 @@ def calibrate(
     save_checkpoint(target_path, payload)
     result.calibration["written_to"] = str(target_path)
     return result.calibration
+
+
+def guard_text(winner: str, guard: Dict[str, Any]) -> str:
+    """One line on the winner's drift-guard policy fitted by ``--degraded-as guard``."""
+    g = guard.get(winner)
+    if g is None:
+        return f"drift guard of {winner}: full depth (no degraded-calibrated thresholds for this gate)"
+    if g["thresholds"] is None:
+        return (f"drift guard of {winner}: full depth (no thresholds on its kept exits meet the target on the "
+                "degraded copies)")
+    r = g["robust"]
+    return (f"drift guard of {winner}: thresholds {', '.join(f'{t:.3f}' for t in g['thresholds'])} on the same exits "
+            f"(degraded copies: mean loss {r['mean_drop']:.1f}, worst {r['worst_drop']:.1f} {r['worst_condition']}, "
+            f"cost {_pct(r['mean_cost_degraded'])}%; clean cost {_pct(g['mean_cost'])}%)")
 
 
 def _device(name: str) -> str:

@@ -230,6 +230,10 @@ def calibrate(
     severities: str = typer.Option("1,3,5", "--severities", help="Severities (1..5) of the --degrade copies."),
     robust: str = typer.Option("mean", "--robust", help="With --degrade: mean (clean and mean loss <= --max-drop, "
                                "worst loss <= --worst-drop) or worst (every condition's loss <= --max-drop)."),
+    degraded_as: str = typer.Option("policy", "--degraded-as", help="With --degrade: policy (the calibrated "
+                                    "policy meets the target on the copies) or guard (the policy stays the clean "
+                                    "one; the copies fit the drift guard's conservative thresholds on the same "
+                                    "exits, which `run` switches to when a stream drifts)."),
     worst_drop: float = typer.Option(2.5, "--worst-drop", help="With --degrade --robust mean: the largest loss "
                                      "allowed on any corrupted copy (points)."),
     confidence: Optional[float] = typer.Option(None, "--confidence", help="Hold --max-drop with this one-sided "
@@ -256,7 +260,8 @@ def calibrate(
                                   exits=exits, max_kept=max_kept, folds=folds, batch_size=batch_size,
                                   device=device, progress=not quiet and sys.stderr.isatty(),
                                   log=lambda m: typer.echo(m, err=True), degrade=degrade, severities=severities,
-                                  robust=robust, worst_drop=worst_drop, confidence_level=confidence)
+                                  robust=robust, worst_drop=worst_drop, confidence_level=confidence,
+                                  degraded_as=degraded_as)
     print_calibration(cal)
     from .calibrate import exits_text
 

@@ -29,8 +29,9 @@ def test_run_without_arguments_runs_the_demo():
 
 
 def test_reference_checkpoint_is_the_demo_bundles_model():
-    """benchmarks/models/cifar10-resnet20.pt (what the README's results are measured on) computes what the shipped
-    demo bundle's full.onnx computes: the committed weights and the committed bundle are one model."""
+    """The demo's committed checkpoint (``benchmarks/make_demo.py``'s REFERENCE, what the README's demo figures are
+    measured on) computes what the shipped demo bundle's full.onnx computes: the committed weights and the committed
+    bundle are one model."""
     import numpy as np
     import onnxruntime as ort
     import pytest
@@ -38,11 +39,12 @@ def test_reference_checkpoint_is_the_demo_bundles_model():
     torch = pytest.importorskip("torch")
     from pathlib import Path
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from make_demo import REFERENCE
     from edgeexit.checkpoint import load_model
     from edgeexit.export.head_graph import FullGraph
 
-    ckpt = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "cifar10-resnet20.pt"
-    model, data = load_model(ckpt)
+    model, data = load_model(REFERENCE)
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         expected = FullGraph(model.segments, model.heads[-1]).eval()(torch.from_numpy(x)).numpy()

@@ -112,6 +112,33 @@ def test_learned_gate_folds_are_grouped_by_image(pooled):
     assert np.array_equal(folds[:n], folds[n:])
 
 
+def test_guard_thresholds_keep_the_clean_policy_and_hold_the_target_on_degraded_copies(pooled):
+    """--degraded-as guard: the policy is the clean calibration's; the drift block gets stricter thresholds on the
+    same exits that meet the robust target on the degraded copy, and its conservative reference is measured for
+    them (not for full depth)."""
+    from edgeexit.calibrate import fit_guard_thresholds
+
+    clean, fog, pool, n = pooled
+    cal = calibrate_outputs(clean, costs(), max_drop=1.0, gate_names=["max_prob", "margin"]).calibration
+    cond = Conditions.blocks(["clean", "fog-3"], n, mode="worst", max_drop=1.0)
+    guard = fit_guard_thresholds(cal, pool, costs(), cond, max_drop=1.0)
+    for gate in ("max_prob", "margin"):
+        policy = ExitPolicy.from_dict(cal["gates"][gate]["policy"])
+        drift = cal["gates"][gate]["drift"]
+        assert guard[gate]["conservative"] == "thresholds" and drift["conservative_thresholds"] is not None
+        strict_t = list(policy.thresholds)
+        for k, t in zip(policy.kept_internal, drift["conservative_thresholds"]):
+            assert t >= policy.thresholds[k]  # stricter where the clean policy is too eager on fog
+            strict_t[k] = t
+        strict = ExitPolicy.from_dict({**policy.to_dict(), "thresholds": strict_t})
+        assert per_condition_drop(policy, fog)[0] > 1.0  # the clean policy alone fails on fog ...
+        assert per_condition_drop(strict, fog)[0] <= 1.0 + 1e-9  # ... its guard thresholds hold there
+        assert per_condition_drop(strict, clean)[1] < 1.0  # and still leave early: not full depth
+        sig = clean.signals(policy.temperatures, policy.exits)
+        taken = sig[np.arange(n), strict.decide(sig, clean.classes), 0]
+        assert drift["mean_conservative"] == pytest.approx(taken.mean(), abs=1e-6)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="severities"):
         parse_severities("0,3")
@@ -156,6 +183,39 @@ def test_cli_degrade_writes_robust_statistics_and_drift(tiny_ckpt, tmp_path):
                                                               "--severities", "7"]))
     assert "--robust" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
                                                             "--robust", "median"]))
+    assert "--degrade" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degraded-as", "guard"]))
+    assert "--degraded-as" in one_line_error(runner.invoke(app, ["calibrate", str(tiny_ckpt), "--degrade", "noise",
+                                                                 "--degraded-as", "both"]))
+
+
+def test_cli_degraded_as_guard_keeps_the_clean_policy_and_exports_the_guard(tiny_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeexit.checkpoint import load_checkpoint
+    from edgeexit.cli import app
+    from edgeexit.runtime.bundle import load_bundle
+
+    runner = CliRunner()
+    common = ["--quiet", "--gates", "max_prob", "--stage-overhead", "0", "--max-drop", "1.0"]
+    clean_out, guard_out = tmp_path / "clean.pt", tmp_path / "guard.pt"
+    assert runner.invoke(app, ["calibrate", str(tiny_ckpt), "--out", str(clean_out), *common]).exit_code == 0
+    result = runner.invoke(app, ["calibrate", str(tiny_ckpt), "--out", str(guard_out), *common,
+                                 "--degrade", "noise,fog", "--severities", "3,5", "--degraded-as", "guard"])
+    assert result.exit_code == 0, result.output
+    assert "drift guard of max_prob" in result.stderr
+    clean, guarded = load_checkpoint(clean_out), load_checkpoint(guard_out)
+    assert guarded["policy"] == clean["policy"]  # the policy is the clean calibration's
+    assert "robust" not in guarded["calibration"]["target"]
+    g = guarded["calibration"]["guard"]
+    assert g["target"]["conditions"] == ["clean", "noise-3", "noise-5", "fog-3", "fog-5"]
+    drift = guarded["calibration"]["gates"]["max_prob"]["drift"]
+    policy = ExitPolicy.from_dict(guarded["policy"])
+    assert g["gates"]["max_prob"]["conservative"] == "thresholds"
+    assert len(drift["conservative_thresholds"]) == len(policy.kept_internal)
+    bundle = tmp_path / "bundle"
+    assert runner.invoke(app, ["export", str(guard_out), "--out", str(bundle)]).exit_code == 0
+    exported = load_bundle(bundle).pipeline().drift
+    assert exported["conservative_thresholds"] == drift["conservative_thresholds"]
 
 
 def test_bounds_walk_from_full_depth_and_stop_at_the_first_failure(monkeypatch):
