@@ -53,6 +53,7 @@ from edgeexit.corrupt import corrupt  # noqa: E402
 from edgeexit.policy import ExitPolicy  # noqa: E402
 from edgeexit.preprocess import Preprocess  # noqa: E402
 from edgeexit.robust import Conditions, condition_name, pool_outputs  # noqa: E402
+from edgeexit.runtime.chain import runner_policy  # noqa: E402
 from edgeexit.runtime.drift import DriftGuard, DriftReference  # noqa: E402
 
 GROUPS = {"noise": ["noise", "shot"], "blur": ["blur", "defocus", "motion"],
@@ -95,13 +96,8 @@ def apply_policy(policy_dict: Dict[str, Any], out, costs, drift: Dict[str, Any] 
     vec = costs.for_gate(pol.gate).exit_vector(pol.exits)
     ex = pol.decide(sig, out.classes)
     strict = (drift or {}).get("conservative_thresholds")
-    if strict is None:
-        cons = np.full(len(out), out.num_exits - 1)
-    else:
-        t = list(pol.thresholds)
-        for k, v in zip(pol.kept_internal, strict):
-            t[k] = v
-        cons = ExitPolicy.from_dict({**pol.to_dict(), "thresholds": t}).decide(sig, out.classes)
+    cons = (np.full(len(out), out.num_exits - 1) if strict is None  # as the runtime applies them:
+            else runner_policy(pol, [float(t) for t in strict]).decide(sig, out.classes))
     return {"right": out.correct[idx, ex], "cost": vec[ex], "conf": sig[idx, ex, 0], "full_right": out.correct[:, -1],
             "cons_right": out.correct[idx, cons], "cons_cost": vec[cons], "cons_conf": sig[idx, cons, 0]}
 

@@ -29,7 +29,8 @@ def label_of(result: dict, name: str) -> str:
     model = Path(args["ckpt"]).stem
     level = args.get("confidence")
     held = f"held at {float(level):.0%}" if level not in (None, "None") else "estimate"
-    return f"{model}, {held}"
+    folds = "one kind out" if args.get("folds") == "kind" else "one group out"
+    return f"{model}, {held}, {folds}"
 
 
 def main() -> None:

@@ -609,6 +609,8 @@ def drift_block(outputs, policy: ExitPolicy, seed: int = 0,
     conf = taken_confidence(policy)
     (mu, sd), (mu_c, sd_c) = reference_stats(conf), reference_stats(taken_confidence(conservative))
     strict = None if conservative is None else tuple(conservative.thresholds[k] for k in conservative.kept_internal)
+    if strict is not None and all(math.isinf(t) for t in strict):  # never leaves early: full depth in one call
+        strict = None
     return DriftReference(mu, sd, mu_c, sd_c, calibrate_bound(conf, DEFAULT_WINDOW, seed=seed),
                           conservative_thresholds=strict).to_dict()
 
@@ -617,16 +619,18 @@ def fit_guard_thresholds(calibration: Dict[str, Any], pooled, costs: CostModel, 
                          max_drop: float, confidence_level: Optional[float] = None, seed: int = 0,
                          gate_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``calibrate --degrade KINDS --degraded-as guard``: the clean calibration stays the policy, and the degraded
-    copies fit the drift guard's conservative policy instead of the default one. Per gate (``gate_names``: all
-    calibrated but the learned gate, whose weights would be refitted), thresholds on the *same* kept exits,
+    copies fit the drift guard's conservative policy instead of the default one. Per gate (``gate_names``: every
+    calibrated one; never the learned gate, whose weights would be refitted), thresholds on the *same* kept exits,
     temperatures and orientation that meet the robust target (``conditions``) on ``pooled`` (clean + degraded
     copies); they become the gate's drift block's ``conservative_thresholds``, so a drifting stream keeps the
-    early exits but leaves them only when the degraded-calibrated thresholds allow. A gate without such a point
+    early exits but leaves them only when the degraded-calibrated thresholds allow (usually higher ones; nothing
+    forces each to be, the target on the copies is what they are fitted to). A gate without such a point
     keeps full depth as its conservative policy. Updates ``calibration["gates"][g]["drift"]`` in place and returns,
     per gate, the robust figures of the conservative thresholds (``guard``)."""
+    eligible = guard_gates(calibration["gates"] if gate_names is None else gate_names)
     clean_outputs = pooled.subset(np.flatnonzero(conditions.clean))
     out: Dict[str, Any] = {}
-    for gate in gate_names or [g for g in calibration["gates"] if g != "learned"]:
+    for gate in eligible:
         entry = calibration["gates"][gate]
         policy = ExitPolicy.from_dict(entry["policy"])
         res = calibrate_outputs(pooled, costs, max_drop=max_drop, gate_names=[gate], exits=policy.kept_internal,
@@ -636,8 +640,9 @@ def fit_guard_thresholds(calibration: Dict[str, Any], pooled, costs: CostModel, 
         same_scale = all(strict.signs[k] == policy.signs[k] for k in policy.kept_internal)
         conservative = replace(policy, thresholds=strict.thresholds) if res["meets_target"] and same_scale else None
         entry["drift"] = drift_block(clean_outputs, policy, seed=seed, conservative=conservative)
-        out[gate] = {"conservative": "thresholds" if conservative is not None else "full depth",
-                     "thresholds": None if conservative is None else entry["drift"]["conservative_thresholds"],
+        has_thresholds = entry["drift"]["conservative_thresholds"] is not None
+        out[gate] = {"conservative": "thresholds" if has_thresholds else "full depth",
+                     "thresholds": entry["drift"]["conservative_thresholds"],
                      "robust": res.get("robust"), "mean_cost": res["mean_cost"]}
     return out
 
@@ -824,6 +829,8 @@ def calibrate(
         raise ValueError(f"--degraded-as must be one of {', '.join(DEGRADED_AS)}, got {degraded_as!r}")
     if degraded_as != "policy" and not kinds:
         raise ValueError("--degraded-as guard needs --degrade KINDS (the copies the guard's thresholds are fitted on)")
+    if degraded_as == "guard":
+        guard_gates(gate_names)  # fail before the model pass
     images = calibration_images(ckpt, data, progress=progress)
     root = data if data is not None else (ckpt.get("split") or {}).get("data")
     log(f"calibration split: {len(images)} held-out images of {root}"
@@ -850,8 +857,7 @@ def calibrate(
     log(f"searched {search['subsets']} exit subset(s) x {len(gate_names)} gate(s) in {search['seconds']:.1f} s")
     if conditions is not None and for_policy is None:  # the degraded copies fit the drift guard's thresholds
         guard = fit_guard_thresholds(result.calibration, outputs, costs, conditions, max_drop=conditions.max_drop,
-                                     confidence_level=confidence_level, seed=seed,
-                                     gate_names=[g for g in gate_names if g != "learned"])
+                                     confidence_level=confidence_level, seed=seed, gate_names=gate_names)
         result.calibration["guard"] = {"target": conditions.target(), "gates": guard}
         log(guard_text(result.calibration["winner"], guard))
     small = confidence.split_warning(result.calibration["confidence"], result.calibration["target"]["max_drop"])
@@ -870,6 +876,16 @@ def calibrate(
     save_checkpoint(target_path, payload)
     result.calibration["written_to"] = str(target_path)
     return result.calibration
+
+
+def guard_gates(names: Sequence[str]) -> List[str]:
+    """The gates ``--degraded-as guard`` can fit thresholds for: all but the learned gate, whose weights would be
+    refitted on the degraded copies (no thresholds on the clean ones carry over)."""
+    eligible = [g for g in names if g != "learned"]
+    if not eligible:
+        raise ValueError("--degraded-as guard: the learned gate has no guard thresholds (its weights would be "
+                         "refitted); calibrate at least one other gate (--gates)")
+    return eligible
 
 
 def guard_text(winner: str, guard: Dict[str, Any]) -> str:

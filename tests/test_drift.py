@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 
+from edgeexit.runtime.bundle import json_ready, validate_manifest
 from edgeexit.runtime.drift import DriftGuard, DriftReference, SwitchingRunner, calibrate_bound, reference_stats
 
 
@@ -62,6 +66,14 @@ def test_hysteresis_and_failed_frames():
 def test_reference_round_trip_and_errors():
     ref = DriftReference(0.8, 0.1, 0.9, 0.1, 3.5, conservative_thresholds=(0.9, 0.95))
     assert DriftReference.from_dict(ref.to_dict()) == ref
+    closed = DriftReference(0.8, 0.1, 0.9, 0.1, 3.5, conservative_thresholds=(math.inf, 0.95))  # exit 0 closed
+    assert DriftReference.from_dict(json.loads(json.dumps(json_ready(closed.to_dict())))) == closed
+    from edgeexit.runtime.commands import DEMO_BUNDLE, demo_path
+
+    manifest = json.loads(demo_path(DEMO_BUNDLE).joinpath("manifest.json").read_text())
+    drift = manifest["pipelines"][manifest["default_gate"]]["drift"]
+    drift["conservative_thresholds"] = json_ready([math.inf] + [0.9] * (len(drift["conservative_thresholds"]) - 1))
+    validate_manifest(manifest)  # a closed exit among the guard's thresholds is a valid bundle
     with pytest.raises(ValueError, match="window"):
         DriftGuard(ref, window=0)
     with pytest.raises(ValueError):

@@ -16,22 +16,24 @@ E, C = 3, 4
 
 def synthetic(n: int, p_right, gap_right, gap_wrong, seed: int) -> ExitOutputs:
     """Exit i is right with probability p_right[i]; the logit gap of its top class is N(gap_right, 0.7) when right
-    and N(gap_wrong, 0.7) when wrong (an overconfident condition has gap_wrong close to gap_right)."""
+    and N(gap_wrong, 0.7) when wrong (an overconfident condition has gap_wrong close to gap_right). One exit per
+    entry of p_right."""
+    e = len(p_right)
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, C, n)
-    logits = rng.normal(0, 0.3, (n, E, C)).astype(np.float32)
-    for i in range(E):
+    logits = rng.normal(0, 0.3, (n, e, C)).astype(np.float32)
+    for i in range(e):
         right = rng.random(n) < p_right[i]
         other = (labels + rng.integers(1, C, n)) % C
         top = np.where(right, labels, other)
         gap = np.where(right, rng.normal(gap_right, 0.7, n), rng.normal(gap_wrong[i], 0.7, n))
         logits[np.arange(n), i, top] += gap
-    cams = [rng.random((n, 4, 4)).astype(np.float32) for _ in range(E)]
+    cams = [rng.random((n, 4, 4)).astype(np.float32) for _ in range(e)]
     return ExitOutputs(logits, cams, labels)
 
 
-def costs() -> CostModel:
-    return CostModel((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), 0.0, "macs", "test")
+def costs(e: int = E) -> CostModel:
+    return CostModel((1.0,) * e, (0.0,) * e, 0.0, "macs", "test")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def per_condition_drop(policy: ExitPolicy, out: ExitOutputs) -> tuple:
     """(drop in points below the final exit, mean cost) of a stored policy, as the runtime decides."""
     ex = policy.decide(out.signals(policy.temperatures, policy.exits), out.classes)
     acc = out.correct[np.arange(len(out)), ex].mean()
-    cost = costs().exit_vector(policy.exits)[ex].mean()
+    cost = costs(out.num_exits).exit_vector(policy.exits)[ex].mean()
     return 100 * (out.correct[:, -1].mean() - acc), cost
 
 
@@ -112,31 +114,51 @@ def test_learned_gate_folds_are_grouped_by_image(pooled):
     assert np.array_equal(folds[:n], folds[n:])
 
 
-def test_guard_thresholds_keep_the_clean_policy_and_hold_the_target_on_degraded_copies(pooled):
-    """--degraded-as guard: the policy is the clean calibration's; the drift block gets stricter thresholds on the
-    same exits that meet the robust target on the degraded copy, and its conservative reference is measured for
-    them (not for full depth)."""
+def test_guard_thresholds_keep_the_clean_policy_and_hold_the_target_on_degraded_copies():
+    """--degraded-as guard: the policy is the clean calibration's; the drift block gets thresholds on the same kept
+    exit (here exit 1 of 4, so one value that the runtime must place at exit 1) that meet the robust target on the
+    degraded copy, and its conservative reference is measured for them (not for full depth)."""
     from edgeexit.calibrate import fit_guard_thresholds
+    from edgeexit.runtime.chain import runner_policy
 
-    clean, fog, pool, n = pooled
-    cal = calibrate_outputs(clean, costs(), max_drop=1.0, gate_names=["max_prob", "margin"]).calibration
+    n, e = 1500, 4
+    clean = synthetic(n, (0.5, 0.75, 0.85, 0.95), 3.0, (0.5, 0.5, 0.5, 0.5), seed=1)
+    fog = synthetic(n, (0.3, 0.55, 0.7, 0.9), 3.0, (2.6, 2.4, 2.0, 0.5), seed=2)  # wrong but confident early on
+    cal = calibrate_outputs(clean, costs(e), max_drop=1.0, gate_names=["max_prob", "margin"], exits=[1]).calibration
     cond = Conditions.blocks(["clean", "fog-3"], n, mode="worst", max_drop=1.0)
-    guard = fit_guard_thresholds(cal, pool, costs(), cond, max_drop=1.0)
+    guard = fit_guard_thresholds(cal, pool_outputs([clean, fog]), costs(e), cond, max_drop=1.0)
     for gate in ("max_prob", "margin"):
         policy = ExitPolicy.from_dict(cal["gates"][gate]["policy"])
         drift = cal["gates"][gate]["drift"]
-        assert guard[gate]["conservative"] == "thresholds" and drift["conservative_thresholds"] is not None
-        strict_t = list(policy.thresholds)
-        for k, t in zip(policy.kept_internal, drift["conservative_thresholds"]):
-            assert t >= policy.thresholds[k]  # stricter where the clean policy is too eager on fog
-            strict_t[k] = t
-        strict = ExitPolicy.from_dict({**policy.to_dict(), "thresholds": strict_t})
+        assert policy.kept_internal == (1,) and guard[gate]["conservative"] == "thresholds"
+        assert len(drift["conservative_thresholds"]) == 1
+        strict = runner_policy(policy, list(drift["conservative_thresholds"]))  # as the runtime applies them
+        assert strict.thresholds[1] > policy.thresholds[1]  # stricter where the clean policy is too eager on fog
         assert per_condition_drop(policy, fog)[0] > 1.0  # the clean policy alone fails on fog ...
         assert per_condition_drop(strict, fog)[0] <= 1.0 + 1e-9  # ... its guard thresholds hold there
         assert per_condition_drop(strict, clean)[1] < 1.0  # and still leave early: not full depth
         sig = clean.signals(policy.temperatures, policy.exits)
         taken = sig[np.arange(n), strict.decide(sig, clean.classes), 0]
         assert drift["mean_conservative"] == pytest.approx(taken.mean(), abs=1e-6)
+        assert drift["std_conservative"] == pytest.approx(taken.std(), rel=0.02)
+
+
+def test_guard_without_any_early_exit_is_full_depth_and_learned_is_never_fitted():
+    """A degraded copy on which no early exit can be allowed (every early answer wrong and confident): the guard
+    stores None, so the runtime runs the plain network in one call; the learned gate is skipped, and asking for it
+    alone is an error."""
+    from edgeexit.calibrate import fit_guard_thresholds
+
+    n = 800
+    clean = synthetic(n, (0.6, 0.8, 0.95), 3.0, (0.5, 0.5, 0.5), seed=1)
+    dark = synthetic(n, (0.02, 0.02, 0.95), 3.0, (5.0, 5.0, 0.5), seed=4)  # more confident when wrong
+    cal = calibrate_outputs(clean, costs(), max_drop=1.0, gate_names=["max_prob", "learned"]).calibration
+    cond = Conditions.blocks(["clean", "dark-5"], n, mode="worst", max_drop=0.0)
+    guard = fit_guard_thresholds(cal, pool_outputs([clean, dark]), costs(), cond, max_drop=0.0)
+    assert set(guard) == {"max_prob"} and guard["max_prob"]["conservative"] == "full depth"
+    assert cal["gates"]["max_prob"]["drift"]["conservative_thresholds"] is None
+    with pytest.raises(ValueError, match="learned"):
+        fit_guard_thresholds(cal, pool_outputs([clean, dark]), costs(), cond, max_drop=0.0, gate_names=["learned"])
 
 
 def test_errors():
