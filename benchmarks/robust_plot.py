@@ -75,7 +75,7 @@ def main() -> None:
     handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="black",
                           markersize=11, label="winner (cheapest on clean frames)"))
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
-    fig.suptitle("Leave-one-family-out calibration on CIFAR-10: cost against drop on degradation kinds never seen")
+    fig.suptitle("CIFAR-10, calibrated without some degradation kinds: cost against drop on the kinds never seen")
     save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
