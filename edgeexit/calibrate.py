@@ -593,13 +593,17 @@ def _gate_stats(cols: ScoreColumns, gate: str, trials: List[_Trial], best: _Tria
 
 
 def drift_block(outputs, policy: ExitPolicy, seed: int = 0,
-                conservative: Optional[ExitPolicy] = None) -> Dict[str, Any]:
+                conservative_thresholds: Optional[Sequence[float]] = None) -> Dict[str, Any]:
     """The run-time drift guard's reference for ``policy`` (``runtime.drift``): mean / std of the confidence of
-    the exit each clean calibration image takes, the same for the conservative policy (``conservative``: the
-    same stages with stricter thresholds, stored as ``conservative_thresholds``; None: full depth), and the
-    bound calibrated on clean windows of the default size."""
+    the exit each clean calibration image takes, the same for the conservative policy (``conservative_thresholds``,
+    one per kept internal exit, on the same stages as the runtime applies them; None or all inf: full depth), and
+    the bound calibrated on clean windows of the default size."""
+    from .runtime.chain import runner_policy
     from .runtime.drift import DEFAULT_WINDOW, DriftReference, calibrate_bound, reference_stats
 
+    strict = None if conservative_thresholds is None else tuple(float(t) for t in conservative_thresholds)
+    if strict is not None and all(math.isinf(t) for t in strict):  # never leaves early: full depth in one call
+        strict = None
     sig = outputs.signals(policy.temperatures, policy.exits)  # the conservative policy shares exits and temperatures
 
     def taken_confidence(p: Optional[ExitPolicy]) -> np.ndarray:
@@ -607,10 +611,8 @@ def drift_block(outputs, policy: ExitPolicy, seed: int = 0,
         return sig[np.arange(len(outputs)), ex, G.SIGNAL_NAMES.index("max_prob")]
 
     conf = taken_confidence(policy)
+    conservative = None if strict is None else runner_policy(policy, list(strict))
     (mu, sd), (mu_c, sd_c) = reference_stats(conf), reference_stats(taken_confidence(conservative))
-    strict = None if conservative is None else tuple(conservative.thresholds[k] for k in conservative.kept_internal)
-    if strict is not None and all(math.isinf(t) for t in strict):  # never leaves early: full depth in one call
-        strict = None
     return DriftReference(mu, sd, mu_c, sd_c, calibrate_bound(conf, DEFAULT_WINDOW, seed=seed),
                           conservative_thresholds=strict).to_dict()
 
@@ -638,8 +640,9 @@ def fit_guard_thresholds(calibration: Dict[str, Any], pooled, costs: CostModel, 
                                 confidence_level=confidence_level, seed=seed).calibration["gates"][gate]
         strict = ExitPolicy.from_dict(res["policy"])
         same_scale = all(strict.signs[k] == policy.signs[k] for k in policy.kept_internal)
-        conservative = replace(policy, thresholds=strict.thresholds) if res["meets_target"] and same_scale else None
-        entry["drift"] = drift_block(clean_outputs, policy, seed=seed, conservative=conservative)
+        usable = res["meets_target"] and same_scale
+        thresholds = [strict.thresholds[k] for k in policy.kept_internal] if usable else None
+        entry["drift"] = drift_block(clean_outputs, policy, seed=seed, conservative_thresholds=thresholds)
         has_thresholds = entry["drift"]["conservative_thresholds"] is not None
         out[gate] = {"conservative": "thresholds" if has_thresholds else "full depth",
                      "thresholds": entry["drift"]["conservative_thresholds"],
@@ -801,7 +804,8 @@ def calibrate(
     only subsets of at most that many internal exits. ``degrade``: corruption kinds ("noise,blur" or a list) to
     calibrate for degraded inputs too, at ``severities``, with the ``robust`` target (``edgeexit.robust``):
     ``degraded_as="policy"`` makes that the policy; ``"guard"`` keeps the clean policy and fits the drift guard's
-    conservative thresholds on the degraded copies instead (``fit_guard_thresholds``). ``confidence_level``: hold the accuracy target at this one-sided confidence (``calibrate_outputs``)."""
+    conservative thresholds on the degraded copies instead (``fit_guard_thresholds``). ``confidence_level``: hold
+    the accuracy target at this one-sided confidence (``calibrate_outputs``)."""
     from . import robust as R
     from .checkpoint import load_model, save_checkpoint
     from .corrupt import parse_kinds
